@@ -1,0 +1,701 @@
+//! One `GET /token`, as a state machine that asks for effects and is fed their results.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::change::{self, Change};
+use super::effect::{Effect, Event, FileRead, FileText, StateFile, WriteResult};
+use super::select;
+use super::stage::{
+    Failed, Loaded, Reason, RefreshAnswer, RefreshDue, TokenAnswer, TokenFresh, UsageAnswer,
+    UsageChecked, UsageDue, ValidationAnswer,
+};
+use crate::model::{Account, AccountsFile, FailedFile, FileError, ACCOUNTS_FILE};
+use crate::settings::Policy;
+
+/// How often a locked write is redone because a hand edit landed under it.
+const MAX_WRITE_CONFLICTS: u8 = 3;
+/// `Retry-After` is capped at an hour.
+const MAX_RETRY_AFTER: i64 = 3600;
+
+/// An account passed over in this request, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassOver {
+    pub email: String,
+    pub reason: Reason,
+}
+
+/// How the request ends.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// Every account that was not chosen is in `passed_over` when it was looked at.
+    Token {
+        answer: TokenAnswer,
+        passed_over: Vec<PassOver>,
+    },
+    NoUsableAccount {
+        passed_over: Vec<PassOver>,
+        /// Seconds until the earliest reset, when every account is only exhausted.
+        retry_after: Option<i64>,
+    },
+    /// A state file that cannot be parsed or read; nothing was written.
+    InvalidStateFile { detail: String },
+}
+
+/// The latest state this request has seen of both files.
+#[derive(Debug)]
+struct View {
+    accounts: AccountsFile,
+    accounts_read: FileRead,
+    failed: Result<FailedFile, FileError>,
+    failed_read: FileRead,
+}
+
+#[derive(Debug)]
+enum State {
+    Reading,
+    /// Waiting for the usage answers in `TokenRequest::pending_usage`.
+    CheckingUsage,
+    /// A read-modify-write under the lock: Lock → ReadFiles → [refresh] → Write… → Unlock.
+    Locked {
+        step: Step,
+        conflicts: u8,
+    },
+    Unlocking(Next),
+    Validating(TokenFresh),
+    Done,
+}
+
+#[derive(Debug)]
+enum Step {
+    Locking(Job),
+    Reading(Job),
+    Refreshing(RefreshDue),
+    /// The writes still to do, the first one asked for.
+    Writing(Job, VecDeque<(StateFile, FileText)>),
+}
+
+/// What a locked read-modify-write is for.
+#[derive(Debug)]
+enum Job {
+    /// Finish moves to failed.json that a crash interrupted.
+    FinishMoves,
+    /// Refresh a due token, unless someone else did meanwhile.
+    Refresh(RefreshDue),
+    /// Store the tokens a refresh just returned.
+    StoreTokens(TokenFresh, Change),
+    /// Move an invalid account to failed.json.
+    Move(Failed),
+    /// Persist the usage and active-account changes, then answer.
+    Persist(Outcome),
+}
+
+/// What the request does once the lock is released.
+#[derive(Debug)]
+enum Next {
+    Select,
+    Validate(TokenFresh),
+    Finish(Outcome),
+}
+
+/// One `/token` request. Drive it as SPEC.md's interpreter contract says: take every
+/// effect from [`poll_effect`](Self::poll_effect), perform them (upstream calls may run
+/// at once), feed each result to [`handle`](Self::handle), and repeat until
+/// [`outcome`](Self::outcome) is set.
+#[derive(Debug)]
+pub struct TokenRequest {
+    now: i64,
+    policy: Policy,
+    effects: VecDeque<Effect>,
+    state: State,
+    view: Option<View>,
+    outcome: Option<Outcome>,
+    /// Accounts judged for this request and not consumed by selection.
+    checked: BTreeMap<String, UsageChecked>,
+    pending_usage: BTreeMap<String, UsageDue>,
+    /// Accounts out of the running for the rest of this request.
+    excluded: BTreeSet<String>,
+    passed_over: Vec<PassOver>,
+    /// Usage and active-account changes, written once at the end.
+    changes: Vec<Change>,
+    /// Accounts the usage call declared invalid, waiting to be moved.
+    failures: Vec<Failed>,
+    /// Things the operator should hear about that did not change the answer.
+    warnings: Vec<String>,
+}
+
+impl TokenRequest {
+    pub fn new(now: i64, policy: Policy) -> Self {
+        TokenRequest {
+            now,
+            policy,
+            effects: VecDeque::from([Effect::ReadFiles]),
+            state: State::Reading,
+            view: None,
+            outcome: None,
+            checked: BTreeMap::new(),
+            pending_usage: BTreeMap::new(),
+            excluded: BTreeSet::new(),
+            passed_over: Vec::new(),
+            changes: Vec::new(),
+            failures: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The next effect to perform, if any.
+    #[must_use]
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    pub fn into_outcome(self) -> Option<Outcome> {
+        self.outcome
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Feeds the result of an effect. An event that does not fit the current state (a
+    /// late or duplicate answer) is ignored.
+    pub fn handle(&mut self, event: Event) {
+        match (std::mem::replace(&mut self.state, State::Done), event) {
+            (State::Reading, Event::FilesRead { accounts, failed }) => {
+                match self.take_view(accounts, failed) {
+                    Ok(moves) if moves.is_empty() => self.select(),
+                    Ok(_) => self.lock(Job::FinishMoves),
+                    Err(e) => self.finish_now(Outcome::InvalidStateFile {
+                        detail: e.to_string(),
+                    }),
+                }
+            }
+            (
+                State::CheckingUsage,
+                Event::UsageFetched {
+                    email,
+                    access_token,
+                    reply,
+                },
+            ) => {
+                self.state = State::CheckingUsage;
+                let matches = self
+                    .pending_usage
+                    .get(&email)
+                    .is_some_and(|due| due.access_token() == &access_token);
+                if matches {
+                    let due = self.pending_usage.remove(&email).expect("checked above");
+                    self.usage_answered(due.answered(&reply, self.now));
+                }
+                if self.pending_usage.is_empty() {
+                    self.select();
+                }
+            }
+            (
+                State::Validating(fresh),
+                Event::ValidationAnswered {
+                    email,
+                    access_token,
+                    reply,
+                },
+            ) if email == fresh.email() && &access_token == fresh.access_token() => {
+                match fresh.answered(&reply) {
+                    ValidationAnswer::Valid(validated) => {
+                        let answer = validated.into_answer();
+                        let passed_over = std::mem::take(&mut self.passed_over);
+                        self.finish(Outcome::Token {
+                            answer,
+                            passed_over,
+                        })
+                    }
+                    ValidationAnswer::Failed(failed) => self.lock(Job::Move(failed)),
+                    ValidationAnswer::Transient(reason) => {
+                        self.pass_over(&email, reason);
+                        self.select();
+                    }
+                }
+            }
+            (State::Locked { step, conflicts }, event) => self.locked_event(step, conflicts, event),
+            (State::Unlocking(next), Event::Unlocked) => match next {
+                Next::Select => self.select(),
+                Next::Validate(fresh) => self.validate(fresh),
+                Next::Finish(outcome) => self.finish_now(outcome),
+            },
+            (state, _) => self.state = state,
+        }
+    }
+
+    fn take_view(
+        &mut self,
+        accounts: FileRead,
+        failed: FileRead,
+    ) -> Result<Vec<Account>, FileError> {
+        let parsed = match &accounts {
+            FileRead::Text(text) => AccountsFile::parse(text)?,
+            FileRead::Missing => {
+                return Err(FileError {
+                    file: ACCOUNTS_FILE,
+                    problem: "the file does not exist".into(),
+                })
+            }
+            FileRead::Unreadable(why) => {
+                return Err(FileError {
+                    file: ACCOUNTS_FILE,
+                    problem: format!("cannot be read: {why}"),
+                })
+            }
+        };
+        let failed_parsed = match &failed {
+            FileRead::Missing => Ok(FailedFile::default()),
+            FileRead::Text(text) => FailedFile::parse(text),
+            FileRead::Unreadable(why) => Err(FileError {
+                file: crate::model::FAILED_FILE,
+                problem: format!("cannot be read: {why}"),
+            }),
+        };
+        let moves = match &failed_parsed {
+            Ok(f) => change::interrupted_moves(&parsed, f),
+            Err(e) => {
+                // Only a move needs failed.json; until then the pool is served as it is.
+                self.warnings
+                    .push(format!("{e}; interrupted moves cannot be checked"));
+                Vec::new()
+            }
+        };
+        self.view = Some(View {
+            accounts: parsed,
+            accounts_read: accounts,
+            failed: failed_parsed,
+            failed_read: failed,
+        });
+        Ok(moves)
+    }
+
+    fn view(&self) -> &View {
+        self.view
+            .as_ref()
+            .expect("selection runs after the first read")
+    }
+
+    fn pass_over(&mut self, email: &str, reason: Reason) {
+        self.excluded.insert(email.to_owned());
+        self.checked.remove(email);
+        self.passed_over.push(PassOver {
+            email: email.to_owned(),
+            reason,
+        });
+    }
+
+    fn usage_answered(&mut self, answer: UsageAnswer) {
+        match answer {
+            UsageAnswer::Checked(checked, fetched) => {
+                if let Some(usage) = fetched {
+                    self.changes.push(Change::SetUsage {
+                        email: checked.email().to_owned(),
+                        access_token: checked.access_token().clone(),
+                        usage,
+                        checked_at: self.now,
+                    });
+                }
+                self.checked.insert(checked.email().to_owned(), checked);
+            }
+            UsageAnswer::Failed(failed) => self.failures.push(failed),
+        }
+    }
+
+    /// SPEC.md section 4: the active account first, else the fullest usable one.
+    /// Asks for usage where it is stale and comes back here when it has arrived.
+    fn select(&mut self) {
+        if let Some(failed) = self.failures.pop() {
+            return self.lock(Job::Move(failed));
+        }
+        let accounts: Vec<Account> = self
+            .view()
+            .accounts
+            .accounts
+            .iter()
+            .filter(|a| !self.excluded.contains(&a.email))
+            .cloned()
+            .collect();
+        let active = self.view().accounts.active_account.clone();
+        let (active, others): (Vec<Account>, Vec<Account>) = accounts
+            .into_iter()
+            .partition(|a| Some(&a.email) == active.as_ref());
+
+        if let Some(account) = active.into_iter().next() {
+            let email = account.email.clone();
+            if !self.check(account) {
+                self.state = State::CheckingUsage;
+                return;
+            }
+            // Not in `checked` when it was just passed over as disabled.
+            if let Some(checked) = self.checked.get(&email) {
+                match checked.usable(&self.policy) {
+                    Ok(()) => return self.choose(&email),
+                    Err(reason) => self.pass_over(&email, reason),
+                }
+            }
+        }
+
+        let mut waiting = false;
+        for account in others {
+            waiting |= !self.check(account);
+        }
+        if waiting {
+            self.state = State::CheckingUsage;
+            return;
+        }
+
+        let candidates: Vec<&UsageChecked> = self.checked.values().collect();
+        let candidates = self.in_file_order(candidates);
+        let chosen =
+            select::fallback(&candidates, &self.policy).map(|i| candidates[i].email().to_owned());
+        let unusable: Vec<(String, Reason)> = candidates
+            .iter()
+            .filter_map(|c| {
+                c.usable(&self.policy)
+                    .err()
+                    .map(|r| (c.email().to_owned(), r))
+            })
+            .collect();
+        for (email, reason) in unusable {
+            self.pass_over(&email, reason);
+        }
+        match chosen {
+            Some(email) => self.choose(&email),
+            None => {
+                let until: Option<Vec<i64>> = self
+                    .passed_over
+                    .iter()
+                    .map(|p| p.reason.exhausted_until())
+                    .collect();
+                let retry_after = until
+                    .and_then(|t| t.into_iter().min())
+                    .map(|t| (t - self.now).clamp(1, MAX_RETRY_AFTER));
+                let passed_over = std::mem::take(&mut self.passed_over);
+                self.finish(Outcome::NoUsableAccount {
+                    passed_over,
+                    retry_after,
+                })
+            }
+        }
+    }
+
+    /// Makes sure the account is judged for this request: disabled ones are passed
+    /// over, fresh usage is taken as it is, stale usage is asked for (once per request).
+    /// `false` while an answer is awaited.
+    fn check(&mut self, account: Account) -> bool {
+        let email = account.email.clone();
+        if account.disabled {
+            self.pass_over(&email, Reason::Disabled);
+            return true;
+        }
+        if self.checked.contains_key(&email) {
+            return true;
+        }
+        if self.pending_usage.contains_key(&email) {
+            return false;
+        }
+        match Loaded::new(account).check_usage(self.now, &self.policy) {
+            Ok(checked) => {
+                self.checked.insert(email, checked);
+                true
+            }
+            Err(due) => {
+                self.effects.push_back(due.effect());
+                self.pending_usage.insert(email, due);
+                false
+            }
+        }
+    }
+
+    /// The candidates still in the file and in the running, in file order.
+    fn in_file_order<'a>(&self, candidates: Vec<&'a UsageChecked>) -> Vec<&'a UsageChecked> {
+        let position = |email: &str| {
+            self.view()
+                .accounts
+                .accounts
+                .iter()
+                .position(|a| a.email == email)
+        };
+        let mut placed: Vec<(usize, &UsageChecked)> = candidates
+            .into_iter()
+            .filter(|c| !self.excluded.contains(c.email()))
+            .filter_map(|c| position(c.email()).map(|p| (p, c)))
+            .collect();
+        placed.sort_by_key(|(p, _)| *p);
+        placed.into_iter().map(|(_, c)| c).collect()
+    }
+
+    fn choose(&mut self, email: &str) {
+        let checked = self.checked.remove(email).expect("chosen from the checked");
+        match checked.select().check_token(self.now) {
+            Ok(fresh) => self.validate(fresh),
+            Err(due) => self.lock(Job::Refresh(due)),
+        }
+    }
+
+    fn validate(&mut self, fresh: TokenFresh) {
+        self.effects.push_back(fresh.effect());
+        self.state = State::Validating(fresh);
+    }
+
+    /// Ends the request, persisting usage and the active account first.
+    fn finish(&mut self, outcome: Outcome) {
+        if let Outcome::Token { answer, .. } = &outcome {
+            let seen = self.view().accounts.active_account.clone();
+            if seen.as_deref() != Some(answer.email()) {
+                self.changes.push(Change::SetActive {
+                    email: answer.email().to_owned(),
+                    seen,
+                });
+            }
+        }
+        if self.changes.is_empty() {
+            self.finish_now(outcome)
+        } else {
+            self.lock(Job::Persist(outcome))
+        }
+    }
+
+    fn finish_now(&mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+        self.state = State::Done;
+    }
+
+    fn lock(&mut self, job: Job) {
+        self.effects.push_back(Effect::Lock);
+        self.state = State::Locked {
+            step: Step::Locking(job),
+            conflicts: 0,
+        };
+    }
+
+    fn unlock(&mut self, next: Next) {
+        self.effects.push_back(Effect::Unlock);
+        self.state = State::Unlocking(next);
+    }
+
+    fn read_locked(&mut self, job: Job, conflicts: u8) {
+        self.effects.push_back(Effect::ReadFiles);
+        self.state = State::Locked {
+            step: Step::Reading(job),
+            conflicts,
+        };
+    }
+
+    fn locked_event(&mut self, step: Step, conflicts: u8, event: Event) {
+        match (step, event) {
+            (Step::Locking(job), Event::Locked) => self.read_locked(job, conflicts),
+            (Step::Reading(job), Event::FilesRead { accounts, failed }) => {
+                match self.take_view(accounts, failed) {
+                    Ok(_) => self.locked_read(job, conflicts),
+                    Err(e) => self.unlock(Next::Finish(Outcome::InvalidStateFile {
+                        detail: e.to_string(),
+                    })),
+                }
+            }
+            (
+                Step::Refreshing(due),
+                Event::TokenRefreshed {
+                    email,
+                    refresh_token,
+                    reply,
+                },
+            ) if email == due.email() && &refresh_token == due.refresh_token() => {
+                match due.answered(&reply, self.now) {
+                    RefreshAnswer::Refreshed(fresh, tokens) => {
+                        let change = Change::SetTokens {
+                            email,
+                            spent: refresh_token,
+                            tokens,
+                        };
+                        self.locked_read(Job::StoreTokens(fresh, change), conflicts)
+                    }
+                    // The read under this very lock showed the token that was refused.
+                    RefreshAnswer::Failed(failed) => self.locked_read(Job::Move(failed), conflicts),
+                    RefreshAnswer::Kept(fresh) => self.unlock(Next::Validate(fresh)),
+                }
+            }
+            (Step::Writing(job, mut writes), Event::Written { file, result }) => match result {
+                WriteResult::Done => {
+                    writes.pop_front();
+                    self.write_next(job, writes, conflicts)
+                }
+                // A hand edit landed under the lock: redo the change on the newer content.
+                WriteResult::Conflict if conflicts < MAX_WRITE_CONFLICTS => {
+                    self.read_locked(job, conflicts + 1)
+                }
+                WriteResult::Conflict => {
+                    self.write_failed(job, file, "it kept changing under the lock".into())
+                }
+                WriteResult::Failed(why) => self.write_failed(job, file, why),
+            },
+            (step, _) => self.state = State::Locked { step, conflicts },
+        }
+    }
+
+    /// Asks for the first of `writes`, or, with none left, finishes the job.
+    fn write_next(&mut self, job: Job, writes: VecDeque<(StateFile, FileText)>, conflicts: u8) {
+        let Some((file, content)) = writes.front() else {
+            let next = self.job_done(job);
+            return self.unlock(next);
+        };
+        let view = self.view();
+        let expected = match file {
+            StateFile::Accounts => view.accounts_read.clone(),
+            StateFile::Failed => view.failed_read.clone(),
+        };
+        self.effects.push_back(Effect::Write {
+            file: *file,
+            content: content.clone(),
+            expected,
+        });
+        self.state = State::Locked {
+            step: Step::Writing(job, writes),
+            conflicts,
+        };
+    }
+
+    /// Under the lock, with a fresh read in `self.view`: decide what to write.
+    fn locked_read(&mut self, job: Job, conflicts: u8) {
+        let view = self.view();
+        let mut accounts = view.accounts.clone();
+        let mut writes = VecDeque::new();
+        match &job {
+            Job::Refresh(due) => {
+                let next = match view.accounts.find(due.email()).cloned() {
+                    Some(stored) if stored.refresh_token == *due.refresh_token() => {
+                        self.effects.push_back(due.effect());
+                        let Job::Refresh(due) = job else {
+                            unreachable!()
+                        };
+                        self.state = State::Locked {
+                            step: Step::Refreshing(due),
+                            conflicts,
+                        };
+                        return;
+                    }
+                    Some(stored) if !stored.disabled => {
+                        let Job::Refresh(due) = job else {
+                            unreachable!()
+                        };
+                        Next::Validate(due.rotated_elsewhere(stored))
+                    }
+                    _ => {
+                        let email = due.email().to_owned();
+                        self.pass_over(&email, Reason::ChangedMeanwhile);
+                        Next::Select
+                    }
+                };
+                return self.unlock(next);
+            }
+            Job::FinishMoves => {
+                if let Ok(failed) = &view.failed {
+                    for account in change::interrupted_moves(&accounts, failed) {
+                        change::remove(&mut accounts, &account);
+                        let email = account.email.clone();
+                        self.pass_over(
+                            &email,
+                            Reason::Invalid(
+                                "already in failed.json: finished an interrupted move".into(),
+                            ),
+                        );
+                    }
+                }
+            }
+            Job::StoreTokens(_, change) => {
+                if !change.apply(&mut accounts) {
+                    self.warnings.push(format!(
+                        "{}: the refreshed tokens were not stored: the account changed meanwhile",
+                        change_email(change)
+                    ));
+                }
+            }
+            Job::Persist(_) => {
+                for change in &self.changes {
+                    change.apply(&mut accounts);
+                }
+            }
+            Job::Move(failed) => {
+                let stored = view
+                    .accounts
+                    .accounts
+                    .iter()
+                    .find(|a| failed.matches(a))
+                    .cloned();
+                match (&view.failed, stored) {
+                    (Err(e), _) => {
+                        let detail = format!("{e}; {} stays in accounts.json", failed.email());
+                        return self.unlock(Next::Finish(Outcome::InvalidStateFile { detail }));
+                    }
+                    (Ok(_), None) => {}
+                    (Ok(record), Some(account)) => {
+                        if !record.accounts.contains(&account) {
+                            let mut record = record.clone();
+                            record.accounts.push(account.clone());
+                            writes.push_back((StateFile::Failed, FileText(record.to_text())));
+                        }
+                        change::remove(&mut accounts, &account);
+                    }
+                }
+            }
+        }
+        if accounts != self.view().accounts {
+            writes.push_back((StateFile::Accounts, FileText(accounts.to_text())));
+        }
+        self.write_next(job, writes, conflicts)
+    }
+
+    /// The job's writes are done (or were not needed): where the request goes next.
+    fn job_done(&mut self, job: Job) -> Next {
+        match job {
+            Job::FinishMoves | Job::Refresh(_) => Next::Select,
+            Job::StoreTokens(fresh, _) => Next::Validate(fresh),
+            Job::Persist(outcome) => Next::Finish(outcome),
+            Job::Move(failed) => {
+                let reason = if self
+                    .view()
+                    .accounts
+                    .accounts
+                    .iter()
+                    .any(|a| failed.matches(a))
+                {
+                    Reason::Invalid(failed.why().to_owned())
+                } else {
+                    Reason::ChangedMeanwhile
+                };
+                self.pass_over(failed.email(), reason);
+                Next::Select
+            }
+        }
+    }
+
+    /// A write did not happen. Nothing is lost: the old file is intact.
+    fn write_failed(&mut self, job: Job, file: StateFile, why: String) {
+        self.warnings
+            .push(format!("{}: not written: {why}", file.name()));
+        let next = match job {
+            Job::Move(failed) if file == StateFile::Failed => {
+                self.pass_over(
+                    failed.email(),
+                    Reason::NotMoved(format!("{}: {why}", file.name())),
+                );
+                Next::Select
+            }
+            job => self.job_done(job),
+        };
+        self.unlock(next)
+    }
+}
+
+fn change_email(change: &Change) -> &str {
+    match change {
+        Change::SetUsage { email, .. }
+        | Change::SetTokens { email, .. }
+        | Change::SetActive { email, .. } => email,
+    }
+}

@@ -1,0 +1,508 @@
+//! The account lifecycle as types: `Loaded → UsageChecked → Selected → TokenFresh →
+//! Validated`, or `Failed`.
+//!
+//! Each stage holds exactly what later stages need, its fields are private, and a
+//! transition consumes the stage before it. The only way to a [`TokenAnswer`] is
+//! [`Validated::into_answer`], and the only way to a `Validated` is a 200 with a model
+//! list from the validation call for that very token.
+
+use super::effect::{Effect, Reply};
+use super::verdict::{classify, Call, Verdict};
+use super::wire::{self, NewTokens};
+use crate::model::{Account, Claims, Secret, Usage, Window};
+use crate::settings::Policy;
+
+/// Why an account was passed over in this request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reason {
+    Disabled,
+    WeeklyExhausted(Window),
+    FiveHourExhausted {
+        window: Window,
+        threshold: f64,
+    },
+    /// Usage was stale, the refresh failed, and nothing was stored.
+    UsageUnavailable(String),
+    /// Refresh or validation failed transiently.
+    UpstreamUnavailable(String),
+    /// The upstream declared it invalid: it was moved to failed.json.
+    Invalid(String),
+    /// Another writer changed or removed it while this request ran.
+    ChangedMeanwhile,
+    /// It could not be moved to failed.json; it stays in accounts.json.
+    NotMoved(String),
+}
+
+impl Reason {
+    /// When the account will have quota again, if it is only exhausted.
+    pub fn exhausted_until(&self) -> Option<i64> {
+        match self {
+            Reason::WeeklyExhausted(w) | Reason::FiveHourExhausted { window: w, .. } => {
+                Some(w.reset_at)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reason::Disabled => write!(f, "disabled"),
+            Reason::WeeklyExhausted(w) => write!(
+                f,
+                "weekly window exhausted ({}%), resets at {}",
+                w.used_percent, w.reset_at
+            ),
+            Reason::FiveHourExhausted { window, threshold } => write!(
+                f,
+                "5-hour window at {}% (limit {threshold}%), resets at {}",
+                window.used_percent, window.reset_at
+            ),
+            Reason::UsageUnavailable(why) => write!(f, "usage unavailable: {why}"),
+            Reason::UpstreamUnavailable(why) => write!(f, "upstream unavailable: {why}"),
+            Reason::Invalid(why) => write!(f, "invalid ({why}), moved to failed.json"),
+            Reason::ChangedMeanwhile => write!(f, "changed by another writer during the request"),
+            Reason::NotMoved(why) => write!(f, "invalid but not moved: {why}"),
+        }
+    }
+}
+
+fn account_id(token: &Secret) -> Option<String> {
+    Claims::of(token.expose()).account_id
+}
+
+/// An account as read from accounts.json in this request.
+#[derive(Debug)]
+pub struct Loaded {
+    account: Account,
+}
+
+impl Loaded {
+    pub fn new(account: Account) -> Self {
+        Loaded { account }
+    }
+
+    /// Stored usage that is still fresh is trusted as it is; stale usage must be fetched.
+    pub fn check_usage(self, now: i64, policy: &Policy) -> Result<UsageChecked, UsageDue> {
+        let a = &self.account;
+        let fresh = match (&a.usage, a.usage_checked_at) {
+            (Some(usage), Some(checked)) => {
+                checked <= now
+                    && now - checked <= policy.usage_stale_seconds
+                    && [&usage.primary, &usage.secondary]
+                        .into_iter()
+                        .flatten()
+                        .all(|w| w.reset_at > now)
+            }
+            _ => false,
+        };
+        if fresh {
+            let usage = a.usage.clone();
+            Ok(UsageChecked {
+                account: self.account,
+                usage,
+                source: UsageSource::Stored,
+            })
+        } else {
+            Err(UsageDue {
+                account: self.account,
+            })
+        }
+    }
+}
+
+/// How the usage a decision rests on was obtained.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UsageSource {
+    /// Stored and fresh.
+    Stored,
+    /// Fetched in this request.
+    Fetched,
+    /// Stale, the fetch failed transiently, and the stored figures stand in.
+    StoredFallback(String),
+    /// Stale, the fetch failed, nothing stored.
+    Unavailable(String),
+}
+
+/// An account whose usage must be fetched before it can be judged.
+#[derive(Debug)]
+pub struct UsageDue {
+    account: Account,
+}
+
+/// What a usage answer turned an account into.
+#[derive(Debug)]
+pub enum UsageAnswer {
+    /// With the usage to persist, when it was fetched.
+    Checked(UsageChecked, Option<Usage>),
+    Failed(Failed),
+}
+
+impl UsageDue {
+    pub fn email(&self) -> &str {
+        &self.account.email
+    }
+
+    pub fn access_token(&self) -> &Secret {
+        &self.account.access_token
+    }
+
+    pub fn effect(&self) -> Effect {
+        Effect::FetchUsage {
+            email: self.account.email.clone(),
+            access_token: self.account.access_token.clone(),
+            account_id: account_id(&self.account.access_token),
+        }
+    }
+
+    pub fn answered(self, reply: &Reply, now: i64) -> UsageAnswer {
+        let problem = match classify(Call::Usage, reply) {
+            Verdict::Success(body) => match wire::usage_from_body(body, now) {
+                Some(usage) => {
+                    return UsageAnswer::Checked(
+                        UsageChecked {
+                            account: self.account,
+                            usage: Some(usage.clone()),
+                            source: UsageSource::Fetched,
+                        },
+                        Some(usage),
+                    )
+                }
+                None => "usage answer did not parse".to_owned(),
+            },
+            // A token due for refresh may be rejected only because it is old: the
+            // refresh that selection brings settles whether the account is dead.
+            Verdict::Invalid(why) if token_due(&self.account, now) => {
+                format!("{why} for a token due for refresh")
+            }
+            Verdict::Invalid(why) => {
+                return UsageAnswer::Failed(Failed {
+                    account: self.account,
+                    why: format!("usage: {why}"),
+                })
+            }
+            Verdict::Transient(why) => why,
+        };
+        let usage = self.account.usage.clone();
+        let source = match usage {
+            Some(_) => UsageSource::StoredFallback(problem),
+            None => UsageSource::Unavailable(problem),
+        };
+        UsageAnswer::Checked(
+            UsageChecked {
+                account: self.account,
+                usage,
+                source,
+            },
+            None,
+        )
+    }
+}
+
+fn token_due(a: &Account, now: i64) -> bool {
+    !a.refresh_token.is_empty() && a.token_refresh_at.is_none_or(|at| now >= at)
+}
+
+/// An account whose usage is known for this request.
+#[derive(Debug)]
+pub struct UsageChecked {
+    account: Account,
+    usage: Option<Usage>,
+    source: UsageSource,
+}
+
+impl UsageChecked {
+    pub fn email(&self) -> &str {
+        &self.account.email
+    }
+
+    /// The token the usage was judged with; a usage change applies only while it stands.
+    pub fn access_token(&self) -> &Secret {
+        &self.account.access_token
+    }
+
+    pub fn source(&self) -> &UsageSource {
+        &self.source
+    }
+
+    /// The short window's figure; a missing window counts as 0.
+    pub fn primary_percent(&self) -> f64 {
+        self.usage
+            .as_ref()
+            .and_then(|u| u.primary.as_ref())
+            .map_or(0.0, Window::percent)
+    }
+
+    /// Usable: not disabled, weekly under 100, 5-hour under the threshold.
+    pub fn usable(&self, policy: &Policy) -> Result<(), Reason> {
+        if self.account.disabled {
+            return Err(Reason::Disabled);
+        }
+        let usage = match (&self.usage, &self.source) {
+            (Some(usage), _) => usage,
+            (None, UsageSource::Unavailable(why)) => {
+                return Err(Reason::UsageUnavailable(why.clone()))
+            }
+            (None, _) => return Ok(()),
+        };
+        if let Some(w) = usage.secondary.as_ref().filter(|w| w.percent() >= 100.0) {
+            return Err(Reason::WeeklyExhausted(w.clone()));
+        }
+        if let Some(w) = usage
+            .primary
+            .as_ref()
+            .filter(|w| w.percent() >= policy.exhausted_threshold)
+        {
+            return Err(Reason::FiveHourExhausted {
+                window: w.clone(),
+                threshold: policy.exhausted_threshold,
+            });
+        }
+        Ok(())
+    }
+
+    /// Only the selection rule calls this, for the account it picked.
+    pub(super) fn select(self) -> Selected {
+        Selected {
+            account: self.account,
+        }
+    }
+}
+
+/// The account the selection rule picked.
+#[derive(Debug)]
+pub struct Selected {
+    account: Account,
+}
+
+impl Selected {
+    pub fn email(&self) -> &str {
+        &self.account.email
+    }
+
+    /// A token not yet due is used as it is, and so is one that cannot be refreshed
+    /// (empty refresh token) until it is rejected.
+    pub fn check_token(self, now: i64) -> Result<TokenFresh, RefreshDue> {
+        if self.account.refresh_token.is_empty() {
+            return Ok(TokenFresh::new(self.account, TokenOrigin::NotRefreshable));
+        }
+        if token_due(&self.account, now) {
+            Err(RefreshDue {
+                account: self.account,
+            })
+        } else {
+            Ok(TokenFresh::new(self.account, TokenOrigin::NotDue))
+        }
+    }
+}
+
+/// A selected account whose token is due for refresh.
+#[derive(Debug)]
+pub struct RefreshDue {
+    account: Account,
+}
+
+#[derive(Debug)]
+pub enum RefreshAnswer {
+    Refreshed(TokenFresh, NewTokens),
+    Failed(Failed),
+    /// A transient failure: the old token is tried as it is.
+    Kept(TokenFresh),
+}
+
+impl RefreshDue {
+    pub fn email(&self) -> &str {
+        &self.account.email
+    }
+
+    pub fn refresh_token(&self) -> &Secret {
+        &self.account.refresh_token
+    }
+
+    pub fn effect(&self) -> Effect {
+        Effect::RefreshToken {
+            email: self.account.email.clone(),
+            refresh_token: self.account.refresh_token.clone(),
+        }
+    }
+
+    /// Another writer refreshed this account meanwhile: use its tokens, never ours again.
+    pub fn rotated_elsewhere(self, stored: Account) -> TokenFresh {
+        debug_assert_eq!(stored.email, self.account.email);
+        TokenFresh::new(stored, TokenOrigin::RotatedElsewhere)
+    }
+
+    pub fn answered(self, reply: &Reply, now: i64) -> RefreshAnswer {
+        let why = match classify(Call::Refresh, reply) {
+            Verdict::Success(body) => match wire::tokens_from_body(body, now) {
+                Some(tokens) => {
+                    let mut account = self.account;
+                    account.access_token = tokens.access_token.clone();
+                    if let Some(rt) = &tokens.refresh_token {
+                        account.refresh_token = rt.clone();
+                    }
+                    account.token_refresh_at = Some(tokens.token_refresh_at);
+                    return RefreshAnswer::Refreshed(
+                        TokenFresh::new(account, TokenOrigin::Refreshed),
+                        tokens,
+                    );
+                }
+                None => "refresh answer did not parse".to_owned(),
+            },
+            Verdict::Invalid(why) => {
+                return RefreshAnswer::Failed(Failed {
+                    account: self.account,
+                    why: format!("refresh: {why}"),
+                })
+            }
+            Verdict::Transient(why) => why,
+        };
+        RefreshAnswer::Kept(TokenFresh::new(
+            self.account,
+            TokenOrigin::RefreshFailed(why),
+        ))
+    }
+}
+
+/// Where the token about to be validated came from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenOrigin {
+    NotDue,
+    NotRefreshable,
+    Refreshed,
+    RotatedElsewhere,
+    /// Due, but the refresh failed transiently; a rejection is then no verdict.
+    RefreshFailed(String),
+}
+
+/// An account with a token that is as fresh as it can be made now.
+#[derive(Debug)]
+pub struct TokenFresh {
+    account: Account,
+    origin: TokenOrigin,
+}
+
+#[derive(Debug)]
+pub enum ValidationAnswer {
+    Valid(Validated),
+    Failed(Failed),
+    Transient(Reason),
+}
+
+impl TokenFresh {
+    fn new(account: Account, origin: TokenOrigin) -> Self {
+        TokenFresh { account, origin }
+    }
+
+    pub fn email(&self) -> &str {
+        &self.account.email
+    }
+
+    pub fn access_token(&self) -> &Secret {
+        &self.account.access_token
+    }
+
+    pub fn origin(&self) -> &TokenOrigin {
+        &self.origin
+    }
+
+    pub fn effect(&self) -> Effect {
+        Effect::Validate {
+            email: self.account.email.clone(),
+            access_token: self.account.access_token.clone(),
+            account_id: account_id(&self.account.access_token),
+        }
+    }
+
+    pub fn answered(self, reply: &Reply) -> ValidationAnswer {
+        match classify(Call::Validation, reply) {
+            Verdict::Success(body) if wire::models_listed(body) => {
+                ValidationAnswer::Valid(Validated {
+                    email: self.account.email,
+                    access_token: self.account.access_token,
+                })
+            }
+            Verdict::Success(_) => ValidationAnswer::Transient(Reason::UpstreamUnavailable(
+                "validation answer did not parse".into(),
+            )),
+            Verdict::Invalid(why) => match self.origin {
+                TokenOrigin::RefreshFailed(refresh) => {
+                    ValidationAnswer::Transient(Reason::UpstreamUnavailable(format!(
+                        "validation: {why} after a failed refresh ({refresh})"
+                    )))
+                }
+                _ => ValidationAnswer::Failed(Failed {
+                    account: self.account,
+                    why: format!("validation: {why}"),
+                }),
+            },
+            Verdict::Transient(why) => ValidationAnswer::Transient(Reason::UpstreamUnavailable(
+                format!("validation: {why}"),
+            )),
+        }
+    }
+}
+
+/// An account whose token the upstream accepted just now.
+#[derive(Debug)]
+pub struct Validated {
+    email: String,
+    access_token: Secret,
+}
+
+impl Validated {
+    pub fn into_answer(self) -> TokenAnswer {
+        let claims = Claims::of(self.access_token.expose());
+        TokenAnswer {
+            email: self.email,
+            access_token: self.access_token,
+            account_id: claims.account_id,
+            expires_at: claims.exp,
+        }
+    }
+}
+
+/// The body of a 200 from `/token`. Only [`Validated::into_answer`] makes one.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TokenAnswer {
+    email: String,
+    access_token: Secret,
+    account_id: Option<String>,
+    expires_at: Option<i64>,
+}
+
+impl TokenAnswer {
+    pub fn email(&self) -> &str {
+        &self.email
+    }
+
+    pub fn access_token(&self) -> &Secret {
+        &self.access_token
+    }
+}
+
+/// An account the upstream declared invalid, with the tokens it was judged by.
+#[derive(Debug)]
+pub struct Failed {
+    account: Account,
+    why: String,
+}
+
+impl Failed {
+    pub fn email(&self) -> &str {
+        &self.account.email
+    }
+
+    pub fn why(&self) -> &str {
+        &self.why
+    }
+
+    /// The same account in a fresh read: same email and the very tokens that were judged.
+    /// Anything else was re-added or rotated meanwhile and must stay.
+    pub fn matches(&self, stored: &Account) -> bool {
+        stored.email == self.account.email
+            && stored.access_token == self.account.access_token
+            && stored.refresh_token == self.account.refresh_token
+    }
+}

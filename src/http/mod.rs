@@ -1,0 +1,183 @@
+//! The HTTP face: `fn app(state) -> Router`, built apart from `main` so tests can drive it.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::core::{Outcome, PassOver};
+use crate::io::{Live, LiveError};
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub live: Arc<Live>,
+    /// When set, `/token` requires `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/token", get(token))
+        .layer(middleware::from_fn(refuse_browsers))
+        .with_state(state)
+}
+
+/// No web page may fetch a token through the user's browser (DNS rebinding,
+/// cross-site requests): browsers always send `Origin` on such requests.
+async fn refuse_browsers(request: Request, next: Next) -> Response {
+    if request.headers().contains_key(header::ORIGIN) {
+        return AppError::OriginRefused.into_response();
+    }
+    next.run(request).await
+}
+
+async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, AppError> {
+    if let Some(key) = &state.api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            return Err(AppError::Unauthorized);
+        }
+    }
+    let finished = state.live.token().await?;
+    for warning in &finished.warnings {
+        tracing::warn!("{warning}");
+    }
+    match finished.outcome {
+        Outcome::Token {
+            answer,
+            passed_over,
+        } => {
+            tracing::info!(
+                account = answer.email(),
+                passed_over = %describe(&passed_over),
+                "token served"
+            );
+            let mut response = Json(answer).into_response();
+            no_store(&mut response);
+            Ok(response)
+        }
+        Outcome::NoUsableAccount {
+            passed_over,
+            retry_after,
+        } => {
+            tracing::info!(passed_over = %describe(&passed_over), "no usable account");
+            Err(AppError::NoUsableAccount {
+                passed_over,
+                retry_after,
+            })
+        }
+        Outcome::InvalidStateFile { detail } => {
+            tracing::error!(%detail, "invalid state file");
+            Err(AppError::InvalidStateFile(detail))
+        }
+    }
+}
+
+fn describe(passed_over: &[PassOver]) -> String {
+    if passed_over.is_empty() {
+        return "none".into();
+    }
+    passed_over
+        .iter()
+        .map(|p| format!("{}: {}", p.email, p.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn no_store(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+/// Every failure of `/token` becomes one of these; none carries a token.
+#[derive(Debug)]
+pub enum AppError {
+    /// Missing or wrong API key.
+    Unauthorized,
+    /// The request came from a browser page.
+    OriginRefused,
+    /// Every account was passed over.
+    NoUsableAccount {
+        passed_over: Vec<PassOver>,
+        retry_after: Option<i64>,
+    },
+    /// A state file cannot be read or parsed; nothing was written.
+    InvalidStateFile(String),
+    /// The data directory could not be locked, or the core ended without an answer.
+    Internal(LiveError),
+}
+
+impl From<LiveError> for AppError {
+    fn from(e: LiveError) -> Self {
+        AppError::Internal(e)
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, body, retry_after) = match self {
+            AppError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "unauthorized", "detail": "a valid Authorization: Bearer <GIBBY_API_KEY> header is required"}),
+                None,
+            ),
+            AppError::OriginRefused => (
+                StatusCode::FORBIDDEN,
+                json!({"error": "origin_refused", "detail": "requests from web pages (with an Origin header) are refused"}),
+                None,
+            ),
+            AppError::NoUsableAccount {
+                passed_over,
+                retry_after,
+            } => {
+                let accounts: Vec<_> = passed_over
+                    .iter()
+                    .map(|p| json!({"email": p.email, "reason": p.reason.to_string()}))
+                    .collect();
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "no_usable_account", "accounts": accounts}),
+                    retry_after,
+                )
+            }
+            AppError::InvalidStateFile(detail) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"error": "invalid_state_file", "detail": detail}),
+                None,
+            ),
+            AppError::Internal(e) => {
+                tracing::error!("{e}");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "storage_unavailable", "detail": e.to_string()}),
+                    None,
+                )
+            }
+        };
+        let mut response = (status, Json(body)).into_response();
+        no_store(&mut response);
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,137 @@
+//! The live interpreter: performs the core's effects with the file system and reqwest.
+//! A loop without policy: perform, feed back, repeat.
+
+use futures_util::future::join_all;
+
+use super::store::{LockGuard, Store};
+use super::upstream::Upstream;
+use crate::core::{Effect, Event, Outcome, StateFile, TokenRequest};
+use crate::settings::Policy;
+
+#[derive(Clone, Debug)]
+pub struct Live {
+    pub store: Store,
+    pub upstream: Upstream,
+    pub policy: Policy,
+}
+
+/// What the interpreter itself could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// The lock file could not be opened or locked.
+    #[error("cannot lock the data directory: {0}")]
+    Lock(std::io::Error),
+    /// The core stopped asking for effects without an outcome (a bug).
+    #[error("the request ended without an answer")]
+    NoOutcome,
+}
+
+/// A finished request: the outcome and what the operator should hear about.
+#[derive(Debug)]
+pub struct Finished {
+    pub outcome: Outcome,
+    pub warnings: Vec<String>,
+}
+
+impl Live {
+    /// Serves one `/token` request.
+    pub async fn token(&self) -> Result<Finished, LiveError> {
+        self.run(TokenRequest::new(unix_now(), self.policy)).await
+    }
+
+    pub async fn run(&self, mut request: TokenRequest) -> Result<Finished, LiveError> {
+        let mut lock: Option<LockGuard> = None;
+        loop {
+            let mut calls = Vec::new();
+            while let Some(effect) = request.poll_effect() {
+                match effect {
+                    Effect::ReadFiles => request.handle(Event::FilesRead {
+                        accounts: self.store.read(StateFile::Accounts),
+                        failed: self.store.read(StateFile::Failed),
+                    }),
+                    Effect::Lock => {
+                        lock = Some(self.store.lock().await.map_err(LiveError::Lock)?);
+                        request.handle(Event::Locked);
+                    }
+                    Effect::Unlock => {
+                        lock = None;
+                        request.handle(Event::Unlocked);
+                    }
+                    Effect::Write {
+                        file,
+                        content,
+                        expected,
+                    } => {
+                        debug_assert!(lock.is_some(), "writes happen under the lock");
+                        let result = self.store.write(file, &content.0, &expected);
+                        request.handle(Event::Written { file, result });
+                    }
+                    call => calls.push(call),
+                }
+            }
+            if calls.is_empty() {
+                break;
+            }
+            for event in join_all(calls.into_iter().map(|c| self.call(c))).await {
+                request.handle(event);
+            }
+        }
+        drop(lock);
+        let warnings = request.warnings().to_vec();
+        let outcome = request.into_outcome().ok_or(LiveError::NoOutcome)?;
+        Ok(Finished { outcome, warnings })
+    }
+
+    async fn call(&self, effect: Effect) -> Event {
+        match effect {
+            Effect::FetchUsage {
+                email,
+                access_token,
+                account_id,
+            } => {
+                let reply = self
+                    .upstream
+                    .usage(&access_token, account_id.as_deref())
+                    .await;
+                Event::UsageFetched {
+                    email,
+                    access_token,
+                    reply,
+                }
+            }
+            Effect::RefreshToken {
+                email,
+                refresh_token,
+            } => {
+                let reply = self.upstream.refresh(&refresh_token).await;
+                Event::TokenRefreshed {
+                    email,
+                    refresh_token,
+                    reply,
+                }
+            }
+            Effect::Validate {
+                email,
+                access_token,
+                account_id,
+            } => {
+                let reply = self
+                    .upstream
+                    .validate(&access_token, account_id.as_deref())
+                    .await;
+                Event::ValidationAnswered {
+                    email,
+                    access_token,
+                    reply,
+                }
+            }
+            _ => unreachable!("only upstream calls are collected"),
+        }
+    }
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

@@ -1,0 +1,9 @@
+//! The only place with I/O: the file store, the upstream client, the live interpreter.
+
+pub mod live;
+pub mod store;
+pub mod upstream;
+
+pub use live::{Finished, Live, LiveError};
+pub use store::Store;
+pub use upstream::Upstream;

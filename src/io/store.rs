@@ -1,0 +1,177 @@
+//! The data directory: reads, the write lock, atomic writes.
+//!
+//! Files are only ever replaced by rename, so a read needs no lock and always sees a
+//! whole file. Writers (gibby processes and cooperating helpers) serialise on an
+//! exclusive `flock` of `<data dir>/.gibby.lock`.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::core::{FileRead, StateFile, WriteResult};
+
+pub const LOCK_FILE: &str = ".gibby.lock";
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+    /// Requests of this process queue here first, so only one thread waits in `flock`.
+    local: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Held while the lock is held; dropping it releases both locks.
+#[derive(Debug)]
+pub struct LockGuard {
+    _file: std::fs::File,
+    _local: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Store {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Store {
+            dir: dir.into(),
+            local: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self, file: StateFile) -> PathBuf {
+        self.dir.join(file.name())
+    }
+
+    pub fn read(&self, file: StateFile) -> FileRead {
+        read(&self.path(file))
+    }
+
+    /// Takes the exclusive write lock, waiting for other writers.
+    pub async fn lock(&self) -> std::io::Result<LockGuard> {
+        let local = self.local.clone().lock_owned().await;
+        let path = self.dir.join(LOCK_FILE);
+        let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)?;
+            // SAFETY: flock on a descriptor we own; it is released when the file closes.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(file)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(LockGuard {
+            _file: file,
+            _local: local,
+        })
+    }
+
+    /// Replaces `file` with `content` if it still holds `expected`. Call with the lock held.
+    pub fn write(&self, file: StateFile, content: &str, expected: &FileRead) -> WriteResult {
+        let path = self.path(file);
+        if read(&path) != *expected {
+            return WriteResult::Conflict;
+        }
+        match atomic_write(&path, content.as_bytes()) {
+            Ok(()) => WriteResult::Done,
+            Err(e) => WriteResult::Failed(e.to_string()),
+        }
+    }
+}
+
+pub fn read(path: &Path) -> FileRead {
+    match fs_err::read(path) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) => FileRead::Text(text),
+            Err(e) => FileRead::Unreadable(format!("not UTF-8: {e}")),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileRead::Missing,
+        Err(e) => FileRead::Unreadable(e.to_string()),
+    }
+}
+
+/// Writes a temporary file beside `path` (created 0600), fsyncs it, renames it over
+/// `path` and fsyncs the directory. On any failure the temporary file is removed and
+/// `path` is untouched.
+pub fn atomic_write(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // tempfile creates the file with mode 0600 and deletes it when dropped unpersisted.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(content)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    fs_err::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn atomic_write_is_0600_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.json");
+        atomic_write(&path, b"one").unwrap();
+        atomic_write(&path, b"two").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("accounts.json")]);
+    }
+
+    #[test]
+    fn failed_write_leaves_the_target_and_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("accounts.json");
+        std::fs::create_dir(&target).unwrap(); // rename over a directory fails
+        assert!(atomic_write(&target, b"x").is_err());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("accounts.json")]);
+    }
+
+    #[test]
+    fn write_refuses_when_the_file_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        std::fs::write(store.path(StateFile::Accounts), "hand edit").unwrap();
+        let stale = FileRead::Text("what we read".into());
+        assert_eq!(
+            store.write(StateFile::Accounts, "new", &stale),
+            WriteResult::Conflict
+        );
+        assert_eq!(
+            store.read(StateFile::Accounts),
+            FileRead::Text("hand edit".into())
+        );
+        assert_eq!(
+            store.write(StateFile::Failed, "new", &FileRead::Missing),
+            WriteResult::Done
+        );
+    }
+}

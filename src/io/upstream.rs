@@ -1,0 +1,145 @@
+//! The HTTP client for the three upstream calls. It sends and receives; it never judges
+//! an answer (that is `core::verdict`).
+
+use std::time::Duration;
+
+use crate::core::{HttpReply, Reply};
+use crate::model::Secret;
+use crate::settings::Settings;
+
+/// The Codex CLI's public OAuth client id.
+pub const CODEX_CLIENT_ID: &str = "app_EMoamEEZ73f0CkXaXp7hrann";
+const USER_AGENT: &str = concat!("gibby/", env!("CARGO_PKG_VERSION"));
+/// Bodies larger than this are cut: no real answer comes near it.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: reqwest::Client,
+    chatgpt_base_url: String,
+    auth_base_url: String,
+    client_version: String,
+}
+
+impl Upstream {
+    pub fn new(settings: &Settings) -> reqwest::Result<Self> {
+        let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .timeout(settings.upstream_timeout)
+            .connect_timeout(settings.upstream_timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Upstream {
+            client,
+            chatgpt_base_url: settings.chatgpt_base_url.clone(),
+            auth_base_url: settings.auth_base_url.clone(),
+            client_version: settings.codex_client_version.clone(),
+        })
+    }
+
+    pub async fn usage(&self, access_token: &Secret, account_id: Option<&str>) -> Reply {
+        let url = format!("{}/backend-api/wham/usage", self.chatgpt_base_url);
+        self.send(self.authorized(self.client.get(url), access_token, account_id))
+            .await
+    }
+
+    pub async fn validate(&self, access_token: &Secret, account_id: Option<&str>) -> Reply {
+        let url = format!("{}/backend-api/codex/models", self.chatgpt_base_url);
+        let request = self
+            .client
+            .get(url)
+            .query(&[("client_version", self.client_version.as_str())]);
+        self.send(self.authorized(request, access_token, account_id))
+            .await
+    }
+
+    pub async fn refresh(&self, refresh_token: &Secret) -> Reply {
+        let url = format!("{}/oauth/token", self.auth_base_url);
+        let body = serde_json::json!({
+            "client_id": CODEX_CLIENT_ID,
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token.expose(),
+            "scope": "openid profile email",
+        });
+        let request = self
+            .client
+            .post(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .json(&body);
+        self.send(request).await
+    }
+
+    fn authorized(
+        &self,
+        request: reqwest::RequestBuilder,
+        access_token: &Secret,
+        account_id: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let request = request
+            .bearer_auth(access_token.expose())
+            .header(reqwest::header::ACCEPT, "application/json");
+        match account_id {
+            Some(id) => request.header("ChatGPT-Account-Id", id),
+            None => request,
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Reply {
+        match request.send().await {
+            Ok(response) => reply_from(response).await,
+            Err(e) => Reply::Transport(describe(&e)),
+        }
+    }
+}
+
+async fn reply_from(mut response: reqwest::Response) -> Reply {
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header("content-type");
+    let challenge = header("cf-mitigated").is_some_and(|v| v.eq_ignore_ascii_case("challenge"));
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_BODY_BYTES {
+                    body.truncate(MAX_BODY_BYTES);
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Reply::Transport(format!("status {status}, body cut off: {}", describe(&e)))
+            }
+        }
+    }
+    Reply::Http(HttpReply {
+        status,
+        content_type,
+        challenge,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// A short description that names the failure but no URL parameters or headers.
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "broken body"
+    } else {
+        "request failed"
+    };
+    match e.url() {
+        Some(url) => format!("{kind} ({}{})", url.host_str().unwrap_or(""), url.path()),
+        None => kind.to_owned(),
+    }
+}

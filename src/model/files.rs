@@ -1,0 +1,281 @@
+//! The two state files, exactly as SPEC.md section 1 describes them.
+//!
+//! Parsing is strict (unknown fields are errors that name the field and the position)
+//! and writing is canonical: pretty-printed with a 2-space indent, every account with
+//! all seven fields in the documented order (`null` where a value is absent), and a
+//! trailing newline.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Number;
+
+use super::Secret;
+
+pub const ACCOUNTS_FILE: &str = "accounts.json";
+pub const FAILED_FILE: &str = "failed.json";
+
+/// `accounts.json`.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsFile {
+    pub active_account: Option<String>,
+    pub accounts: Vec<Account>,
+}
+
+/// `failed.json`: an append-only record of accounts the upstream declared invalid.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedFile {
+    pub accounts: Vec<Account>,
+}
+
+/// One account. Absent and `null` read the same; gibby writes `null`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    pub email: String,
+    pub access_token: Secret,
+    pub refresh_token: Secret,
+    /// Absent means "refresh now".
+    #[serde(default)]
+    pub token_refresh_at: Option<i64>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub usage_checked_at: Option<i64>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// The two usage windows. `None` means the plan has no such window.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    /// The short (5-hour) window.
+    #[serde(default)]
+    pub primary: Option<Window>,
+    /// The long (weekly) window.
+    #[serde(default)]
+    pub secondary: Option<Window>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// Kept as the JSON number it was written as, so `72` stays `72` and `94.99` stays `94.99`.
+    pub used_percent: Number,
+    pub reset_at: i64,
+}
+
+impl Window {
+    pub fn percent(&self) -> f64 {
+        self.used_percent.as_f64().unwrap_or(0.0)
+    }
+}
+
+/// A state file that cannot be trusted: it is never overwritten, and `/token` answers 503
+/// with this message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {problem}")]
+pub struct FileError {
+    pub file: &'static str,
+    pub problem: String,
+}
+
+impl FileError {
+    fn new(file: &'static str, problem: impl Into<String>) -> Self {
+        FileError {
+            file,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl AccountsFile {
+    /// Parses and validates `accounts.json`. Every problem names its position.
+    pub fn parse(text: &str) -> Result<Self, FileError> {
+        let file: AccountsFile = parse_json(ACCOUNTS_FILE, text)?;
+        let mut problems = Vec::new();
+        for (i, account) in file.accounts.iter().enumerate() {
+            problems.extend(account_problems(i, account));
+            if let Some(first) = file.accounts[..i]
+                .iter()
+                .position(|a| a.email == account.email)
+            {
+                problems.push(format!(
+                    "accounts[{i}] ({}): duplicate email, already used by accounts[{first}]",
+                    account.email
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(file)
+        } else {
+            Err(FileError::new(ACCOUNTS_FILE, problems.join("; ")))
+        }
+    }
+
+    pub fn find(&self, email: &str) -> Option<&Account> {
+        self.accounts.iter().find(|a| a.email == email)
+    }
+
+    pub fn find_mut(&mut self, email: &str) -> Option<&mut Account> {
+        self.accounts.iter_mut().find(|a| a.email == email)
+    }
+
+    /// The canonical text gibby writes.
+    pub fn to_text(&self) -> String {
+        to_text(self)
+    }
+}
+
+impl FailedFile {
+    /// Parses `failed.json`. Emails may repeat here: an account can fail more than once.
+    pub fn parse(text: &str) -> Result<Self, FileError> {
+        let file: FailedFile = parse_json(FAILED_FILE, text)?;
+        let problems: Vec<String> = file
+            .accounts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| account_problems(i, a))
+            .collect();
+        if problems.is_empty() {
+            Ok(file)
+        } else {
+            Err(FileError::new(FAILED_FILE, problems.join("; ")))
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        to_text(self)
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    file: &'static str,
+    text: &str,
+) -> Result<T, FileError> {
+    if text.trim().is_empty() {
+        return Err(FileError::new(file, "the file is empty"));
+    }
+    // serde_json's message already carries "at line L column C".
+    serde_json::from_str(text).map_err(|e| FileError::new(file, e.to_string()))
+}
+
+fn account_problems(i: usize, a: &Account) -> Vec<String> {
+    let mut problems = Vec::new();
+    let at = format!("accounts[{i}] ({})", a.email);
+    if a.email.trim().is_empty() {
+        problems.push(format!("accounts[{i}]: email is empty"));
+    }
+    if a.access_token.is_empty() {
+        problems.push(format!("{at}: access_token is empty"));
+    }
+    if let Some(usage) = &a.usage {
+        for (name, window) in [("primary", &usage.primary), ("secondary", &usage.secondary)] {
+            if let Some(w) = window {
+                let pct = w.used_percent.as_f64();
+                if !pct.is_some_and(|p| p >= 0.0) {
+                    problems.push(format!(
+                        "{at}: usage.{name}.used_percent must be a number >= 0, found {}",
+                        w.used_percent
+                    ));
+                }
+            }
+        }
+    }
+    problems
+}
+
+fn to_text<T: Serialize>(value: &T) -> String {
+    // Serialising these plain structs cannot fail.
+    let mut text = serde_json::to_string_pretty(value).expect("state files always serialise");
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"{
+  "active_account": "user@example.com",
+  "accounts": [
+    {
+      "email": "user@example.com",
+      "access_token": "at",
+      "refresh_token": "rt",
+      "token_refresh_at": 1710000000,
+      "usage": {
+        "primary": {
+          "used_percent": 72,
+          "reset_at": 1710018000
+        },
+        "secondary": {
+          "used_percent": 94.99,
+          "reset_at": 1710600000
+        }
+      },
+      "usage_checked_at": 1710000000,
+      "disabled": false
+    }
+  ]
+}
+"#;
+
+    #[test]
+    fn canonical_file_round_trips_byte_for_byte() {
+        let file = AccountsFile::parse(SAMPLE).unwrap();
+        assert_eq!(file.to_text(), SAMPLE);
+    }
+
+    #[test]
+    fn absent_fields_read_as_null_and_are_written_as_null() {
+        let text = r#"{"active_account": null, "accounts": [{"email": "a@x", "access_token": "at", "refresh_token": ""}]}"#;
+        let file = AccountsFile::parse(text).unwrap();
+        let a = &file.accounts[0];
+        assert_eq!(
+            (a.token_refresh_at, &a.usage, a.usage_checked_at, a.disabled),
+            (None, &None, None, false)
+        );
+        assert!(file.to_text().contains("\"token_refresh_at\": null"));
+    }
+
+    #[test]
+    fn problems_name_the_file_and_the_position() {
+        let cases = [
+            ("", "accounts.json: the file is empty"),
+            ("{\"accounts\": [", "accounts.json: EOF while parsing"),
+            (
+                "{\"accounts\": [], \"extra\": 1}",
+                "accounts.json: unknown field `extra`",
+            ),
+            (
+                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"token\": 1}]}",
+                "accounts.json: unknown field `token`",
+            ),
+            (
+                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"usage_checked_at\": \"soon\"}]}",
+                "accounts.json: invalid type: string \"soon\", expected i64",
+            ),
+            (
+                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\"}, {\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\"}]}",
+                "accounts.json: accounts[1] (a): duplicate email, already used by accounts[0]",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = AccountsFile::parse(text).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{text:?} gave {err:?}");
+        }
+        let err = AccountsFile::parse("{\n\"accounts\": 3}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2 column"), "{err}");
+    }
+
+    #[test]
+    fn failed_file_allows_repeated_emails() {
+        let one = r#"{"email": "a", "access_token": "x", "refresh_token": "y"}"#;
+        let text = format!("{{\"accounts\": [{one}, {one}]}}");
+        assert_eq!(FailedFile::parse(&text).unwrap().accounts.len(), 2);
+    }
+}

@@ -1,0 +1,11 @@
+//! Data shapes: the state files and the token claims. No I/O here.
+
+mod claims;
+mod files;
+mod secret;
+
+pub use claims::Claims;
+pub use files::{
+    Account, AccountsFile, FailedFile, FileError, Usage, Window, ACCOUNTS_FILE, FAILED_FILE,
+};
+pub use secret::Secret;

@@ -1,0 +1,57 @@
+//! `gibby serve`: bind, serve until SIGTERM or ctrl-c, finish the requests in flight.
+
+use std::sync::Arc;
+
+use crate::http::{app, AppState};
+use crate::io::{Live, Store, Upstream};
+use crate::settings::Settings;
+
+/// Builds the app state from the settings.
+pub fn state(settings: &Settings) -> Result<AppState, String> {
+    let upstream =
+        Upstream::new(settings).map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    Ok(AppState {
+        live: Arc::new(Live {
+            store: Store::new(&settings.data_dir),
+            upstream,
+            policy: settings.policy,
+        }),
+        api_key: settings.api_key.clone(),
+    })
+}
+
+pub async fn run(settings: Settings) -> Result<(), String> {
+    let state = state(&settings)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (GIBBY_LISTEN): {e}", settings.listen))?;
+    tracing::info!(
+        listen = %settings.listen,
+        data_dir = %settings.data_dir.display(),
+        api_key = settings.api_key.is_some(),
+        "gibby serving"
+    );
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server failed: {e}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down after the requests in flight");
+}
