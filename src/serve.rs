@@ -15,6 +15,7 @@ pub fn state(settings: &Settings) -> Result<AppState, String> {
             store: Store::new(&settings.data_dir),
             upstream,
             policy: settings.policy,
+            clock: crate::io::live::system_clock(),
         }),
         api_key: settings.api_key.clone(),
     })

@@ -1,6 +1,8 @@
 //! The live interpreter: performs the core's effects with the file system and reqwest.
 //! A loop without policy: perform, feed back, repeat.
 
+use std::sync::Arc;
+
 use futures_util::future::join_all;
 
 use super::store::{LockGuard, Store};
@@ -8,11 +10,24 @@ use super::upstream::Upstream;
 use crate::core::{Effect, Event, Outcome, StateFile, TokenRequest};
 use crate::settings::Policy;
 
-#[derive(Clone, Debug)]
+/// Where the interpreter reads the time: the system clock, or a fixed one in tests.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+#[derive(Clone)]
 pub struct Live {
     pub store: Store,
     pub upstream: Upstream,
     pub policy: Policy,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("store", &self.store)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the interpreter itself could not do.
@@ -36,7 +51,7 @@ pub struct Finished {
 impl Live {
     /// Serves one `/token` request.
     pub async fn token(&self) -> Result<Finished, LiveError> {
-        self.run(TokenRequest::new(unix_now(), self.policy)).await
+        self.run(TokenRequest::new((self.clock)(), self.policy)).await
     }
 
     pub async fn run(&self, mut request: TokenRequest) -> Result<Finished, LiveError> {
@@ -128,6 +143,10 @@ impl Live {
             _ => unreachable!("only upstream calls are collected"),
         }
     }
+}
+
+pub fn system_clock() -> Clock {
+    Arc::new(unix_now)
 }
 
 pub fn unix_now() -> i64 {
