@@ -25,3 +25,6 @@ pub mod wire;
 pub use effect::{Effect, Event, FileRead, FileText, HttpReply, Reply, StateFile, WriteResult};
 pub use request::{Outcome, PassOver, TokenRequest};
 pub use stage::{Reason, TokenAnswer};
+
+#[cfg(test)]
+mod tests;

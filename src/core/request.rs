@@ -522,7 +522,9 @@ impl TokenRequest {
             }
             (Step::Writing(job, mut writes), Event::Written { file, result }) => match result {
                 WriteResult::Done => {
-                    writes.pop_front();
+                    if let Some((file, content)) = writes.pop_front() {
+                        self.wrote(file, content);
+                    }
                     self.write_next(job, writes, conflicts)
                 }
                 // A hand edit landed under the lock: redo the change on the newer content.
@@ -535,6 +537,22 @@ impl TokenRequest {
                 WriteResult::Failed(why) => self.write_failed(job, file, why),
             },
             (step, _) => self.state = State::Locked { step, conflicts },
+        }
+    }
+
+    /// Keeps the view at what the files now hold, so later changes build on our own.
+    fn wrote(&mut self, file: StateFile, content: FileText) {
+        let view = self.view.as_mut().expect("writes follow a read");
+        match file {
+            StateFile::Accounts => {
+                view.accounts =
+                    AccountsFile::parse(&content.0).expect("gibby writes what it parses");
+                view.accounts_read = FileRead::Text(content.0);
+            }
+            StateFile::Failed => {
+                view.failed = FailedFile::parse(&content.0);
+                view.failed_read = FileRead::Text(content.0);
+            }
         }
     }
 
@@ -632,7 +650,10 @@ impl TokenRequest {
                         let detail = format!("{e}; {} stays in accounts.json", failed.email());
                         return self.unlock(Next::Finish(Outcome::InvalidStateFile { detail }));
                     }
-                    (Ok(_), None) => {}
+                    (Ok(_), None) => {
+                        self.pass_over(failed.email(), Reason::ChangedMeanwhile);
+                        return self.unlock(Next::Select);
+                    }
                     (Ok(record), Some(account)) => {
                         if !record.accounts.contains(&account) {
                             let mut record = record.clone();
@@ -657,18 +678,7 @@ impl TokenRequest {
             Job::StoreTokens(fresh, _) => Next::Validate(fresh),
             Job::Persist(outcome) => Next::Finish(outcome),
             Job::Move(failed) => {
-                let reason = if self
-                    .view()
-                    .accounts
-                    .accounts
-                    .iter()
-                    .any(|a| failed.matches(a))
-                {
-                    Reason::Invalid(failed.why().to_owned())
-                } else {
-                    Reason::ChangedMeanwhile
-                };
-                self.pass_over(failed.email(), reason);
+                self.pass_over(failed.email(), Reason::Invalid(failed.why().to_owned()));
                 Next::Select
             }
         }

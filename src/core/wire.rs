@@ -17,6 +17,9 @@ const MIN_REFRESH_DELAY: i64 = 60;
 /// Reads a 200 from the usage endpoint. `None` when the body does not parse.
 pub fn usage_from_body(body: &str, now: i64) -> Option<Usage> {
     let json: Value = serde_json::from_str(body).ok()?;
+    if !json.is_object() {
+        return None;
+    }
     let rate_limit = match json.get("rate_limit") {
         None | Some(Value::Null) => return Some(Usage::default()),
         Some(rl @ Value::Object(_)) => rl,

@@ -51,7 +51,8 @@ pub struct Finished {
 impl Live {
     /// Serves one `/token` request.
     pub async fn token(&self) -> Result<Finished, LiveError> {
-        self.run(TokenRequest::new((self.clock)(), self.policy)).await
+        self.run(TokenRequest::new((self.clock)(), self.policy))
+            .await
     }
 
     pub async fn run(&self, mut request: TokenRequest) -> Result<Finished, LiveError> {

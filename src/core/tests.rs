@@ -1,0 +1,439 @@
+//! Transition tests: the request machine driven by an in-memory world, step by step.
+
+use super::*;
+use crate::model::{Account, AccountsFile, FailedFile, Secret, Usage, Window};
+use crate::settings::Policy;
+
+const NOW: i64 = 1_000_000;
+
+/// Two files in memory and a scripted upstream; records every effect asked.
+struct World {
+    accounts: FileRead,
+    failed: FileRead,
+    /// A hand edit that lands between gibby's read and its next write, once.
+    edit_before_write: Option<String>,
+    trace: Vec<String>,
+}
+
+impl World {
+    fn new(file: &AccountsFile) -> Self {
+        World {
+            accounts: FileRead::Text(file.to_text()),
+            failed: FileRead::Missing,
+            edit_before_write: None,
+            trace: Vec::new(),
+        }
+    }
+
+    fn accounts(&self) -> AccountsFile {
+        match &self.accounts {
+            FileRead::Text(t) => AccountsFile::parse(t).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn failed(&self) -> FailedFile {
+        match &self.failed {
+            FileRead::Text(t) => FailedFile::parse(t).unwrap(),
+            FileRead::Missing => FailedFile::default(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn run(&mut self, upstream: &mut dyn FnMut(&Effect) -> Reply) -> Outcome {
+        let mut request = TokenRequest::new(NOW, Policy::default());
+        let mut locked = false;
+        while let Some(effect) = request.poll_effect() {
+            let event = match &effect {
+                Effect::ReadFiles => Event::FilesRead {
+                    accounts: self.accounts.clone(),
+                    failed: self.failed.clone(),
+                },
+                Effect::Lock => {
+                    assert!(!locked, "lock taken twice");
+                    locked = true;
+                    Event::Locked
+                }
+                Effect::Unlock => {
+                    assert!(locked, "unlock without lock");
+                    locked = false;
+                    Event::Unlocked
+                }
+                Effect::Write {
+                    file,
+                    content,
+                    expected,
+                } => {
+                    assert!(locked, "write without the lock");
+                    if let Some(edit) = self.edit_before_write.take() {
+                        self.accounts = FileRead::Text(edit);
+                    }
+                    let slot = match file {
+                        StateFile::Accounts => &mut self.accounts,
+                        StateFile::Failed => &mut self.failed,
+                    };
+                    let result = if slot == expected {
+                        *slot = FileRead::Text(content.0.clone());
+                        WriteResult::Done
+                    } else {
+                        WriteResult::Conflict
+                    };
+                    Event::Written {
+                        file: *file,
+                        result,
+                    }
+                }
+                Effect::FetchUsage {
+                    email,
+                    access_token,
+                    ..
+                } => Event::UsageFetched {
+                    email: email.clone(),
+                    access_token: access_token.clone(),
+                    reply: upstream(&effect),
+                },
+                Effect::RefreshToken {
+                    email,
+                    refresh_token,
+                } => Event::TokenRefreshed {
+                    email: email.clone(),
+                    refresh_token: refresh_token.clone(),
+                    reply: upstream(&effect),
+                },
+                Effect::Validate {
+                    email,
+                    access_token,
+                    ..
+                } => Event::ValidationAnswered {
+                    email: email.clone(),
+                    access_token: access_token.clone(),
+                    reply: upstream(&effect),
+                },
+            };
+            self.trace.push(step_name(&effect));
+            request.handle(event);
+        }
+        assert!(!locked, "the lock was left held");
+        request
+            .into_outcome()
+            .expect("an outcome once effects run out")
+    }
+}
+
+fn step_name(effect: &Effect) -> String {
+    match effect {
+        Effect::ReadFiles => "read".into(),
+        Effect::Lock => "lock".into(),
+        Effect::Unlock => "unlock".into(),
+        Effect::Write { file, .. } => format!("write {}", file.name()),
+        Effect::FetchUsage { email, .. } => format!("usage {email}"),
+        Effect::RefreshToken { email, .. } => format!("refresh {email}"),
+        Effect::Validate { email, .. } => format!("validate {email}"),
+    }
+}
+
+fn ok(body: &str) -> Reply {
+    Reply::Http(HttpReply::json(200, body))
+}
+
+fn models() -> Reply {
+    ok(r#"{"models": []}"#)
+}
+
+fn status(code: u16, body: &str) -> Reply {
+    Reply::Http(HttpReply::json(code, body))
+}
+
+fn account(email: &str, primary: i64) -> Account {
+    Account {
+        email: email.into(),
+        access_token: Secret::new(format!("at-{email}")),
+        refresh_token: Secret::new(format!("rt-{email}")),
+        token_refresh_at: Some(NOW + 1000),
+        usage: Some(Usage {
+            primary: Some(Window {
+                used_percent: primary.into(),
+                reset_at: NOW + 100,
+            }),
+            secondary: None,
+        }),
+        usage_checked_at: Some(NOW - 10),
+        disabled: false,
+    }
+}
+
+fn pool(active: Option<&str>, accounts: Vec<Account>) -> AccountsFile {
+    AccountsFile {
+        active_account: active.map(str::to_owned),
+        accounts,
+    }
+}
+
+fn served(outcome: &Outcome) -> &str {
+    match outcome {
+        Outcome::Token { answer, .. } => answer.email(),
+        other => panic!("no token: {other:?}"),
+    }
+}
+
+#[test]
+fn steady_state_reads_validates_and_writes_nothing() {
+    let mut world = World::new(&pool(Some("a"), vec![account("a", 10), account("b", 50)]));
+    let outcome = world.run(&mut |_| models());
+    assert_eq!(served(&outcome), "a");
+    assert_eq!(world.trace, ["read", "validate a"]);
+}
+
+#[test]
+fn stale_usage_is_fetched_once_and_persisted_at_the_end() {
+    let mut a = account("a", 10);
+    a.usage_checked_at = Some(NOW - 4000);
+    let mut world = World::new(&pool(Some("a"), vec![a]));
+    let usage = r#"{"rate_limit": {"primary_window": {"used_percent": 42, "limit_window_seconds": 18000, "reset_at": 1000500}, "secondary_window": null}}"#;
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { .. } => ok(usage),
+        _ => models(),
+    });
+    assert_eq!(served(&outcome), "a");
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "usage a",
+            "validate a",
+            "lock",
+            "read",
+            "write accounts.json",
+            "unlock"
+        ]
+    );
+    let stored = world.accounts().accounts[0].clone();
+    assert_eq!(stored.usage_checked_at, Some(NOW));
+    assert_eq!(
+        stored.usage.unwrap().primary.unwrap().used_percent,
+        42.into()
+    );
+}
+
+#[test]
+fn fallback_fetches_stale_accounts_together_and_takes_the_fullest() {
+    let mut b = account("b", 0);
+    b.usage = None;
+    let mut c = account("c", 0);
+    c.usage = None;
+    let mut world = World::new(&pool(Some("a"), vec![account("a", 99), b, c]));
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { email, .. } => {
+            let pct = if email == "b" { 30 } else { 60 };
+            ok(&format!(r#"{{"rate_limit": {{"primary_window": {{"used_percent": {pct}, "limit_window_seconds": 18000, "reset_after_seconds": 50}}}}}}"#))
+        }
+        _ => models(),
+    });
+    assert_eq!(served(&outcome), "c");
+    assert_eq!(world.trace[..3], ["read", "usage b", "usage c"]);
+    assert_eq!(world.accounts().active_account.as_deref(), Some("c"));
+}
+
+#[test]
+fn due_token_is_refreshed_under_the_lock_before_validation() {
+    let mut a = account("a", 10);
+    a.token_refresh_at = Some(NOW);
+    let mut world = World::new(&pool(Some("a"), vec![a]));
+    let mut validated = Vec::new();
+    let outcome = world.run(&mut |e| match e {
+        Effect::RefreshToken { refresh_token, .. } => {
+            assert_eq!(refresh_token.expose(), "rt-a");
+            ok(r#"{"access_token": "new-at", "refresh_token": "new-rt", "expires_in": 864000}"#)
+        }
+        Effect::Validate { access_token, .. } => {
+            validated.push(access_token.expose().to_owned());
+            models()
+        }
+        _ => unreachable!(),
+    });
+    assert_eq!(served(&outcome), "a");
+    assert_eq!(validated, ["new-at"]);
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "lock",
+            "read",
+            "refresh a",
+            "write accounts.json",
+            "unlock",
+            "validate a"
+        ]
+    );
+    let stored = &world.accounts().accounts[0];
+    assert_eq!(
+        (stored.access_token.expose(), stored.refresh_token.expose()),
+        ("new-at", "new-rt")
+    );
+    assert_eq!(stored.token_refresh_at, Some(NOW + 864000 - 86400));
+}
+
+#[test]
+fn a_refresh_done_elsewhere_is_adopted_without_a_call() {
+    let mut a = account("a", 10);
+    a.token_refresh_at = Some(NOW - 5);
+    let mut world = World::new(&pool(Some("a"), vec![a.clone()]));
+    // Another writer rotates the tokens between our first read and our locked read.
+    let mut rotated = a;
+    rotated.access_token = Secret::new("their-at");
+    rotated.refresh_token = Secret::new("their-rt");
+    rotated.token_refresh_at = Some(NOW + 5000);
+    let rotated_text = pool(Some("a"), vec![rotated]).to_text();
+    let mut request = TokenRequest::new(NOW, Policy::default());
+    assert_eq!(request.poll_effect(), Some(Effect::ReadFiles));
+    request.handle(Event::FilesRead {
+        accounts: world.accounts.clone(),
+        failed: FileRead::Missing,
+    });
+    assert_eq!(request.poll_effect(), Some(Effect::Lock));
+    request.handle(Event::Locked);
+    assert_eq!(request.poll_effect(), Some(Effect::ReadFiles));
+    world.accounts = FileRead::Text(rotated_text);
+    request.handle(Event::FilesRead {
+        accounts: world.accounts.clone(),
+        failed: FileRead::Missing,
+    });
+    assert_eq!(request.poll_effect(), Some(Effect::Unlock));
+    request.handle(Event::Unlocked);
+    match request.poll_effect() {
+        Some(Effect::Validate { access_token, .. }) => {
+            assert_eq!(access_token.expose(), "their-at")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_invalid_token_is_moved_whole_and_the_next_account_served() {
+    let mut world = World::new(&pool(Some("a"), vec![account("a", 10), account("b", 5)]));
+    let before = world.accounts().accounts[0].clone();
+    let outcome = world.run(&mut |e| match e {
+        Effect::Validate { email, .. } if email == "a" => status(
+            401,
+            r#"{"detail": "Could not parse your authentication token."}"#,
+        ),
+        _ => models(),
+    });
+    assert_eq!(served(&outcome), "b");
+    assert_eq!(world.failed().accounts, vec![before]);
+    assert_eq!(
+        world
+            .accounts()
+            .accounts
+            .iter()
+            .map(|a| a.email.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert_eq!(world.accounts().active_account.as_deref(), Some("b"));
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "validate a",
+            "lock",
+            "read",
+            "write failed.json",
+            "write accounts.json",
+            "unlock",
+            "validate b",
+            "lock",
+            "read",
+            "write accounts.json",
+            "unlock"
+        ]
+    );
+}
+
+#[test]
+fn transient_failures_keep_every_account() {
+    let file = pool(Some("a"), vec![account("a", 10), account("b", 5)]);
+    let mut world = World::new(&file);
+    let outcome = world.run(&mut |_| status(503, "<html>down</html>"));
+    match outcome {
+        Outcome::NoUsableAccount {
+            passed_over,
+            retry_after,
+        } => {
+            assert_eq!(passed_over.len(), 2);
+            assert_eq!(retry_after, None);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(world.accounts(), file);
+    assert_eq!(world.failed, FileRead::Missing);
+}
+
+#[test]
+fn a_corrupt_failed_json_keeps_the_account_and_the_file() {
+    let file = pool(Some("a"), vec![account("a", 10)]);
+    let mut world = World::new(&file);
+    world.failed = FileRead::Text("{not json".into());
+    let outcome = world.run(&mut |_| status(401, "{}"));
+    match outcome {
+        Outcome::InvalidStateFile { detail } => {
+            assert!(detail.starts_with("failed.json: "), "{detail}");
+            assert!(detail.ends_with("a stays in accounts.json"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(world.accounts(), file);
+    assert_eq!(world.failed, FileRead::Text("{not json".into()));
+}
+
+#[test]
+fn a_hand_edit_under_the_lock_is_kept_and_the_change_redone() {
+    let mut a = account("a", 10);
+    a.usage_checked_at = Some(NOW - 4000);
+    let mut world = World::new(&pool(Some("a"), vec![a.clone(), account("b", 5)]));
+    let mut edited = pool(Some("a"), vec![a, account("b", 5)]);
+    edited.accounts[1].disabled = true;
+    world.edit_before_write = Some(edited.to_text());
+    let usage = r#"{"rate_limit": {"primary_window": {"used_percent": 42, "limit_window_seconds": 18000, "reset_after_seconds": 100}}}"#;
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { .. } => ok(usage),
+        _ => models(),
+    });
+    assert_eq!(served(&outcome), "a");
+    let stored = world.accounts();
+    assert!(stored.accounts[1].disabled, "the hand edit survives");
+    assert_eq!(
+        stored.accounts[0].usage_checked_at,
+        Some(NOW),
+        "our change is redone on top"
+    );
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "usage a",
+            "validate a",
+            "lock",
+            "read",
+            "write accounts.json",
+            "read",
+            "write accounts.json",
+            "unlock"
+        ]
+    );
+}
+
+#[test]
+fn an_interrupted_move_is_finished_on_the_next_read() {
+    let mut world = World::new(&pool(Some("a"), vec![account("a", 10), account("b", 5)]));
+    world.failed = FileRead::Text(
+        FailedFile {
+            accounts: vec![account("a", 10)],
+        }
+        .to_text(),
+    );
+    let outcome = world.run(&mut |_| models());
+    assert_eq!(served(&outcome), "b");
+    assert_eq!(world.accounts().accounts.len(), 1);
+    assert_eq!(world.failed().accounts.len(), 1, "not appended twice");
+}
