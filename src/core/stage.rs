@@ -84,6 +84,7 @@ impl Loaded {
     }
 
     /// Stored usage that is still fresh is trusted as it is; stale usage must be fetched.
+    #[allow(clippy::result_large_err)] // both sides own the account; boxing buys nothing
     pub fn check_usage(self, now: i64, policy: &Policy) -> Result<UsageChecked, UsageDue> {
         let a = &self.account;
         let fresh = match (&a.usage, a.usage_checked_at) {
@@ -283,6 +284,7 @@ impl Selected {
 
     /// A token not yet due is used as it is, and so is one that cannot be refreshed
     /// (empty refresh token) until it is rejected.
+    #[allow(clippy::result_large_err)] // both sides own the account; boxing buys nothing
     pub fn check_token(self, now: i64) -> Result<TokenFresh, RefreshDue> {
         if self.account.refresh_token.is_empty() {
             return Ok(TokenFresh::new(self.account, TokenOrigin::NotRefreshable));
