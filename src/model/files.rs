@@ -279,3 +279,79 @@ mod tests {
         assert_eq!(FailedFile::parse(&text).unwrap().accounts.len(), 2);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn percent() -> impl Strategy<Value = Number> {
+        prop_oneof![
+            (0u64..=100).prop_map(Number::from),
+            (0.0f64..=100.0).prop_map(|f| Number::from_f64((f * 100.0).round() / 100.0).unwrap()),
+        ]
+    }
+
+    fn window() -> impl Strategy<Value = Option<Window>> {
+        proptest::option::of((percent(), 0i64..2_000_000_000).prop_map(
+            |(used_percent, reset_at)| Window {
+                used_percent,
+                reset_at,
+            },
+        ))
+    }
+
+    fn account(i: usize) -> impl Strategy<Value = Account> {
+        (
+            "[a-z0-9._-]{1,12}",
+            "[A-Za-z0-9._-]{1,40}",
+            "[A-Za-z0-9._-]{0,40}",
+            proptest::option::of(0i64..2_000_000_000),
+            proptest::option::of(
+                (window(), window()).prop_map(|(primary, secondary)| Usage { primary, secondary }),
+            ),
+            proptest::option::of(0i64..2_000_000_000),
+            any::<bool>(),
+        )
+            .prop_map(
+                move |(local, at, rt, refresh_at, usage, checked, disabled)| Account {
+                    email: format!("{local}+{i}@example.com"),
+                    access_token: Secret::new(at),
+                    refresh_token: Secret::new(rt),
+                    token_refresh_at: refresh_at,
+                    usage,
+                    usage_checked_at: checked,
+                    disabled,
+                },
+            )
+    }
+
+    fn accounts_file() -> impl Strategy<Value = AccountsFile> {
+        (0usize..8)
+            .prop_flat_map(|n| (0..n).map(account).collect::<Vec<_>>())
+            .prop_flat_map(|accounts| {
+                let emails: Vec<Option<String>> = std::iter::once(None)
+                    .chain(accounts.iter().map(|a| Some(a.email.clone())))
+                    .chain(std::iter::once(Some("nobody@example.com".to_owned())))
+                    .collect();
+                (Just(accounts), proptest::sample::select(emails))
+            })
+            .prop_map(|(accounts, active_account)| AccountsFile {
+                active_account,
+                accounts,
+            })
+    }
+
+    proptest! {
+        /// Whatever gibby writes, it reads back as the same pool, and writes again byte for byte.
+        #[test]
+        fn written_files_parse_back_identically(file in accounts_file()) {
+            let text = file.to_text();
+            let parsed = AccountsFile::parse(&text).unwrap();
+            prop_assert_eq!(&parsed, &file);
+            prop_assert_eq!(parsed.to_text(), text);
+            let failed = FailedFile { accounts: file.accounts.clone() };
+            prop_assert_eq!(FailedFile::parse(&failed.to_text()).unwrap(), failed);
+        }
+    }
+}
