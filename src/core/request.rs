@@ -69,7 +69,7 @@ enum State {
 enum Step {
     Locking(Job),
     Reading(Job),
-    Refreshing(RefreshDue),
+    Refreshing(RefreshDue, Then),
     /// The writes still to do, the first one asked for.
     Writing(Job, VecDeque<(StateFile, FileText)>),
 }
@@ -80,9 +80,9 @@ enum Job {
     /// Finish moves to failed.json that a crash interrupted.
     FinishMoves,
     /// Refresh a due token, unless someone else did meanwhile.
-    Refresh(RefreshDue),
+    Refresh(RefreshDue, Then),
     /// Store the tokens a refresh just returned.
-    StoreTokens(TokenFresh, Change),
+    StoreTokens(TokenFresh, Change, Then),
     /// Move an invalid account to failed.json.
     Move(Failed),
     /// Persist the usage and active-account changes, then answer.
@@ -93,8 +93,17 @@ enum Job {
 #[derive(Debug)]
 enum Next {
     Select,
-    Validate(TokenFresh),
+    Token(TokenFresh, Then),
     Finish(Outcome),
+}
+
+/// What a refreshed token is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Then {
+    /// The selected account: validate it.
+    Validate,
+    /// Usage rejected the due token: ask for usage again with the new one.
+    RetryUsage,
 }
 
 /// One `/token` request. Drive it as SPEC.md's interpreter contract says: take every
@@ -119,6 +128,8 @@ pub struct TokenRequest {
     changes: Vec<Change>,
     /// Accounts the usage call declared invalid, waiting to be moved.
     failures: Vec<Failed>,
+    /// Accounts whose due token usage rejected: refreshed, then asked again.
+    refresh_first: Vec<RefreshDue>,
     /// Things the operator should hear about that did not change the answer.
     warnings: Vec<String>,
 }
@@ -138,6 +149,7 @@ impl TokenRequest {
             passed_over: Vec::new(),
             changes: Vec::new(),
             failures: Vec::new(),
+            refresh_first: Vec::new(),
             warnings: Vec::new(),
         }
     }
@@ -221,7 +233,7 @@ impl TokenRequest {
             (State::Locked { step, conflicts }, event) => self.locked_event(step, conflicts, event),
             (State::Unlocking(next), Event::Unlocked) => match next {
                 Next::Select => self.select(),
-                Next::Validate(fresh) => self.validate(fresh),
+                Next::Token(fresh, then) => self.use_token(fresh, then),
                 Next::Finish(outcome) => self.finish_now(outcome),
             },
             (state, _) => self.state = state,
@@ -303,6 +315,7 @@ impl TokenRequest {
                 self.checked.insert(checked.email().to_owned(), checked);
             }
             UsageAnswer::Failed(failed) => self.failures.push(failed),
+            UsageAnswer::RefreshFirst(due) => self.refresh_first.push(due),
         }
     }
 
@@ -311,6 +324,9 @@ impl TokenRequest {
     fn select(&mut self) {
         if let Some(failed) = self.failures.pop() {
             return self.lock(Job::Move(failed));
+        }
+        if let Some(due) = self.refresh_first.pop() {
+            return self.lock(Job::Refresh(due, Then::RetryUsage));
         }
         let accounts: Vec<Account> = self
             .view()
@@ -434,7 +450,19 @@ impl TokenRequest {
         let checked = self.checked.remove(email).expect("chosen from the checked");
         match checked.select().check_token(self.now) {
             Ok(fresh) => self.validate(fresh),
-            Err(due) => self.lock(Job::Refresh(due)),
+            Err(due) => self.lock(Job::Refresh(due, Then::Validate)),
+        }
+    }
+
+    fn use_token(&mut self, fresh: TokenFresh, then: Then) {
+        match then {
+            Then::Validate => self.validate(fresh),
+            Then::RetryUsage => {
+                let due = fresh.retry_usage();
+                self.effects.push_back(due.effect());
+                self.pending_usage.insert(due.email().to_owned(), due);
+                self.state = State::CheckingUsage;
+            }
         }
     }
 
@@ -499,7 +527,7 @@ impl TokenRequest {
                 }
             }
             (
-                Step::Refreshing(due),
+                Step::Refreshing(due, then),
                 Event::TokenRefreshed {
                     email,
                     refresh_token,
@@ -513,11 +541,11 @@ impl TokenRequest {
                             spent: refresh_token,
                             tokens,
                         };
-                        self.locked_read(Job::StoreTokens(fresh, change), conflicts)
+                        self.locked_read(Job::StoreTokens(fresh, change, then), conflicts)
                     }
                     // The read under this very lock showed the token that was refused.
                     RefreshAnswer::Failed(failed) => self.locked_read(Job::Move(failed), conflicts),
-                    RefreshAnswer::Kept(fresh) => self.unlock(Next::Validate(fresh)),
+                    RefreshAnswer::Kept(fresh) => self.unlock(Next::Token(fresh, then)),
                 }
             }
             (Step::Writing(job, mut writes), Event::Written { file, result }) => match result {
@@ -584,24 +612,25 @@ impl TokenRequest {
         let mut accounts = view.accounts.clone();
         let mut writes = VecDeque::new();
         match &job {
-            Job::Refresh(due) => {
+            Job::Refresh(due, then) => {
+                let then = *then;
                 let next = match view.accounts.find(due.email()).cloned() {
                     Some(stored) if stored.refresh_token == *due.refresh_token() => {
                         self.effects.push_back(due.effect());
-                        let Job::Refresh(due) = job else {
+                        let Job::Refresh(due, _) = job else {
                             unreachable!()
                         };
                         self.state = State::Locked {
-                            step: Step::Refreshing(due),
+                            step: Step::Refreshing(due, then),
                             conflicts,
                         };
                         return;
                     }
                     Some(stored) if !stored.disabled => {
-                        let Job::Refresh(due) = job else {
+                        let Job::Refresh(due, _) = job else {
                             unreachable!()
                         };
-                        Next::Validate(due.rotated_elsewhere(stored))
+                        Next::Token(due.rotated_elsewhere(stored), then)
                     }
                     _ => {
                         let email = due.email().to_owned();
@@ -625,7 +654,7 @@ impl TokenRequest {
                     }
                 }
             }
-            Job::StoreTokens(_, change) => {
+            Job::StoreTokens(_, change, _) => {
                 if !change.apply(&mut accounts) {
                     self.warnings.push(format!(
                         "{}: the refreshed tokens were not stored: the account changed meanwhile",
@@ -674,8 +703,8 @@ impl TokenRequest {
     /// The job's writes are done (or were not needed): where the request goes next.
     fn job_done(&mut self, job: Job) -> Next {
         match job {
-            Job::FinishMoves | Job::Refresh(_) => Next::Select,
-            Job::StoreTokens(fresh, _) => Next::Validate(fresh),
+            Job::FinishMoves | Job::Refresh(..) => Next::Select,
+            Job::StoreTokens(fresh, _, then) => Next::Token(fresh, then),
             Job::Persist(outcome) => Next::Finish(outcome),
             Job::Move(failed) => {
                 self.pass_over(failed.email(), Reason::Invalid(failed.why().to_owned()));

@@ -108,6 +108,7 @@ impl Loaded {
         } else {
             Err(UsageDue {
                 account: self.account,
+                refresh_tried: false,
             })
         }
     }
@@ -130,6 +131,8 @@ pub enum UsageSource {
 #[derive(Debug)]
 pub struct UsageDue {
     account: Account,
+    /// This is the retry after a refresh (or a refresh attempt) for this request.
+    refresh_tried: bool,
 }
 
 /// What a usage answer turned an account into.
@@ -138,6 +141,8 @@ pub enum UsageAnswer {
     /// With the usage to persist, when it was fetched.
     Checked(UsageChecked, Option<Usage>),
     Failed(Failed),
+    /// The token is due and was rejected: refresh it, then ask again.
+    RefreshFirst(RefreshDue),
 }
 
 impl UsageDue {
@@ -172,10 +177,16 @@ impl UsageDue {
                 }
                 None => "usage answer did not parse".to_owned(),
             },
-            // A token due for refresh may be rejected only because it is old: the
-            // refresh that selection brings settles whether the account is dead.
+            // A token due for refresh may be rejected only because it is old: one
+            // refresh and one retry come before any verdict.
+            Verdict::Invalid(_) if token_due(&self.account, now) && !self.refresh_tried => {
+                return UsageAnswer::RefreshFirst(RefreshDue {
+                    account: self.account,
+                })
+            }
+            // Still due: the refresh failed only transiently, so this is no verdict.
             Verdict::Invalid(why) if token_due(&self.account, now) => {
-                format!("{why} for a token due for refresh")
+                format!("{why} for a token whose refresh failed")
             }
             Verdict::Invalid(why) => {
                 return UsageAnswer::Failed(Failed {
@@ -407,6 +418,14 @@ impl TokenFresh {
 
     pub fn origin(&self) -> &TokenOrigin {
         &self.origin
+    }
+
+    /// Usage rejected the token before this refresh: ask again, once.
+    pub fn retry_usage(self) -> UsageDue {
+        UsageDue {
+            account: self.account,
+            refresh_tried: true,
+        }
     }
 
     pub fn effect(&self) -> Effect {

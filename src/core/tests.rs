@@ -437,3 +437,91 @@ fn an_interrupted_move_is_finished_on_the_next_read() {
     assert_eq!(world.accounts().accounts.len(), 1);
     assert_eq!(world.failed().accounts.len(), 1, "not appended twice");
 }
+
+/// A never-checked account whose token is due: usage rejects the old token.
+fn due_and_unchecked() -> AccountsFile {
+    let mut a = account("a", 0);
+    a.usage = None;
+    a.usage_checked_at = None;
+    a.token_refresh_at = None;
+    pool(None, vec![a])
+}
+
+const USAGE_OK: &str = r#"{"rate_limit": {"primary_window": {"used_percent": 1, "limit_window_seconds": 18000, "reset_after_seconds": 9}}}"#;
+const REFRESHED: &str =
+    r#"{"access_token": "new-at", "refresh_token": "new-rt", "expires_in": 864000}"#;
+
+#[test]
+fn usage_401_for_a_due_token_is_refreshed_and_retried_before_any_verdict() {
+    let mut world = World::new(&due_and_unchecked());
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { access_token, .. } if access_token.expose() == "at-a" => {
+            status(401, "{}")
+        }
+        Effect::FetchUsage { .. } => ok(USAGE_OK),
+        Effect::RefreshToken { .. } => ok(REFRESHED),
+        _ => models(),
+    });
+    assert_eq!(served(&outcome), "a");
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "usage a",
+            "lock",
+            "read",
+            "refresh a",
+            "write accounts.json",
+            "unlock",
+            "usage a",
+            "validate a",
+            "lock",
+            "read",
+            "write accounts.json",
+            "unlock"
+        ]
+    );
+    assert_eq!(world.accounts().accounts[0].access_token.expose(), "new-at");
+}
+
+#[test]
+fn usage_401_again_after_a_good_refresh_is_a_verdict() {
+    let mut world = World::new(&due_and_unchecked());
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { .. } => status(401, "{}"),
+        Effect::RefreshToken { .. } => ok(REFRESHED),
+        _ => models(),
+    });
+    assert!(
+        matches!(outcome, Outcome::NoUsableAccount { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(world.failed().accounts.len(), 1);
+    assert_eq!(world.failed().accounts[0].access_token.expose(), "new-at");
+    assert!(world.accounts().accounts.is_empty());
+}
+
+#[test]
+fn usage_401_after_a_failed_refresh_keeps_the_account() {
+    let file = due_and_unchecked();
+    let mut world = World::new(&file);
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { .. } => status(401, "{}"),
+        Effect::RefreshToken { .. } => status(502, "bad gateway"),
+        _ => models(),
+    });
+    assert!(
+        matches!(outcome, Outcome::NoUsableAccount { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(world.accounts(), file);
+    assert_eq!(world.failed, FileRead::Missing);
+    assert_eq!(
+        world
+            .trace
+            .iter()
+            .filter(|t| t.starts_with("usage"))
+            .count(),
+        2
+    );
+}
