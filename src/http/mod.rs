@@ -8,7 +8,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::core::{Outcome, PassOver};
@@ -125,43 +124,79 @@ impl From<LiveError> for AppError {
     }
 }
 
+/// The JSON of every error answer: `error` first, then what explains it.
+#[derive(serde::Serialize)]
+struct ErrorBody {
+    error: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accounts: Option<Vec<PassedOver>>,
+}
+
+#[derive(serde::Serialize)]
+struct PassedOver {
+    email: String,
+    reason: String,
+}
+
+impl ErrorBody {
+    fn new(error: &'static str, detail: impl Into<String>) -> Self {
+        ErrorBody {
+            error,
+            detail: Some(detail.into()),
+            accounts: None,
+        }
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, body, retry_after) = match self {
             AppError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
-                json!({"error": "unauthorized", "detail": "a valid Authorization: Bearer <GIBBY_API_KEY> header is required"}),
+                ErrorBody::new(
+                    "unauthorized",
+                    "a valid Authorization: Bearer <GIBBY_API_KEY> header is required",
+                ),
                 None,
             ),
             AppError::OriginRefused => (
                 StatusCode::FORBIDDEN,
-                json!({"error": "origin_refused", "detail": "requests from web pages (with an Origin header) are refused"}),
+                ErrorBody::new(
+                    "origin_refused",
+                    "requests from web pages (with an Origin header) are refused",
+                ),
                 None,
             ),
             AppError::NoUsableAccount {
                 passed_over,
                 retry_after,
             } => {
-                let accounts: Vec<_> = passed_over
+                let accounts = passed_over
                     .iter()
-                    .map(|p| json!({"email": p.email, "reason": p.reason.to_string()}))
+                    .map(|p| PassedOver {
+                        email: p.email.clone(),
+                        reason: p.reason.to_string(),
+                    })
                     .collect();
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": "no_usable_account", "accounts": accounts}),
-                    retry_after,
-                )
+                let body = ErrorBody {
+                    error: "no_usable_account",
+                    detail: None,
+                    accounts: Some(accounts),
+                };
+                (StatusCode::SERVICE_UNAVAILABLE, body, retry_after)
             }
             AppError::InvalidStateFile(detail) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"error": "invalid_state_file", "detail": detail}),
+                ErrorBody::new("invalid_state_file", detail),
                 None,
             ),
             AppError::Internal(e) => {
                 tracing::error!("{e}");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": "storage_unavailable", "detail": e.to_string()}),
+                    ErrorBody::new("storage_unavailable", e.to_string()),
                     None,
                 )
             }

@@ -1,6 +1,6 @@
 //! Shared by every integration test: a fake upstream and a gibby, each on its own
 //! 127.0.0.1 port, a temporary data directory, and helpers to build pools and read files.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::disallowed_methods)]
 
 use std::sync::Arc;
 
@@ -28,6 +28,8 @@ pub struct Harness {
 pub struct Answer {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
+    /// The body exactly as sent.
+    pub text: String,
     pub body: Value,
 }
 
@@ -111,18 +113,29 @@ impl Harness {
     }
 
     pub fn accounts(&self) -> AccountsFile {
-        AccountsFile::parse(&self.read_text("accounts.json").expect("accounts.json exists")).unwrap()
+        AccountsFile::parse(
+            &self
+                .read_text("accounts.json")
+                .expect("accounts.json exists"),
+        )
+        .unwrap()
     }
 
     pub async fn get(&self, path: &str) -> Answer {
-        let response = self.client.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let response = self
+            .client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let text = response.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
         Answer {
             status,
             headers,
+            text,
             body,
         }
     }
