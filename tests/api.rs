@@ -797,7 +797,7 @@ async fn snapshot_token_body() {
     let answer = get_token(&h).await;
 
     assert_eq!(answer.status, 200);
-    let text = &answer.text;
+    let text = answer.text;
     snapshots(|| insta::assert_snapshot!("token_200", scrub(&text)));
     h.stop().await;
 }
@@ -818,7 +818,7 @@ async fn snapshot_no_usable_account_body() {
     let answer = get_token(&h).await;
 
     assert_eq!(answer.status, 503);
-    let text = &answer.text;
+    let text = answer.text;
     snapshots(|| insta::assert_snapshot!("no_usable_account_503", scrub(&text)));
     h.stop().await;
 }
@@ -841,7 +841,7 @@ async fn snapshot_invalid_state_file_body_and_the_file_is_left_alone() {
     assert_eq!(h.read_text("accounts.json").as_deref(), Some(broken));
     assert_eq!(h.read_text("failed.json"), None);
     assert_eq!(h.fake.calls().len(), 0);
-    let text = &answer.text;
+    let text = answer.text;
     snapshots(|| insta::assert_snapshot!("invalid_state_file_503", scrub(&text)));
     h.stop().await;
 }
