@@ -83,8 +83,9 @@ enum Job {
     Refresh(RefreshDue, Then),
     /// Store the tokens a refresh just returned.
     StoreTokens(TokenFresh, Change, Then),
-    /// Move an invalid account to failed.json.
-    Move(Failed),
+    /// Move an invalid account to failed.json. With a `Then`, the account was on its way to
+    /// serving a token: if another writer gave it new tokens meanwhile, those are used.
+    Move(Failed, Option<Then>),
     /// Persist the usage and active-account changes, then answer.
     Persist(Outcome),
 }
@@ -223,7 +224,9 @@ impl TokenRequest {
                             passed_over,
                         })
                     }
-                    ValidationAnswer::Failed(failed) => self.lock(Job::Move(failed)),
+                    ValidationAnswer::Failed(failed) => {
+                        self.lock(Job::Move(failed, Some(Then::Validate)))
+                    }
                     ValidationAnswer::Transient(reason) => {
                         self.pass_over(&email, reason);
                         self.select();
@@ -323,7 +326,7 @@ impl TokenRequest {
     /// Asks for usage where it is stale and comes back here when it has arrived.
     fn select(&mut self) {
         if let Some(failed) = self.failures.pop() {
-            return self.lock(Job::Move(failed));
+            return self.lock(Job::Move(failed, None));
         }
         if let Some(due) = self.refresh_first.pop() {
             return self.lock(Job::Refresh(due, Then::RetryUsage));
@@ -544,7 +547,11 @@ impl TokenRequest {
                         self.locked_read(Job::StoreTokens(fresh, change, then), conflicts)
                     }
                     // The read under this very lock showed the token that was refused.
-                    RefreshAnswer::Failed(failed) => self.locked_read(Job::Move(failed), conflicts),
+                    // Read again: a writer that ignores the lock may have rotated the
+                    // token while the call ran, and then theirs is used.
+                    RefreshAnswer::Failed(failed) => {
+                        self.read_locked(Job::Move(failed, Some(then)), conflicts)
+                    }
                     RefreshAnswer::Kept(fresh) => self.unlock(Next::Token(fresh, then)),
                 }
             }
@@ -667,31 +674,38 @@ impl TokenRequest {
                     change.apply(&mut accounts);
                 }
             }
-            Job::Move(failed) => {
-                let stored = view
-                    .accounts
-                    .accounts
-                    .iter()
-                    .find(|a| failed.matches(a))
-                    .cloned();
-                match (&view.failed, stored) {
-                    (Err(e), _) => {
+            Job::Move(failed, then) => {
+                let then = *then;
+                let same = view.accounts.accounts.iter().find(|a| failed.matches(a));
+                let Some(account) = same.cloned() else {
+                    let next = match (then, view.accounts.find(failed.email())) {
+                        (Some(then), Some(theirs)) if !theirs.disabled => {
+                            let theirs = theirs.clone();
+                            let Job::Move(failed, _) = job else {
+                                unreachable!()
+                            };
+                            Next::Token(failed.rotated_elsewhere(theirs), then)
+                        }
+                        _ => {
+                            self.pass_over(failed.email(), Reason::ChangedMeanwhile);
+                            Next::Select
+                        }
+                    };
+                    return self.unlock(next);
+                };
+                let record = match &view.failed {
+                    Ok(record) => record,
+                    Err(e) => {
                         let detail = format!("{e}; {} stays in accounts.json", failed.email());
                         return self.unlock(Next::Finish(Outcome::InvalidStateFile { detail }));
                     }
-                    (Ok(_), None) => {
-                        self.pass_over(failed.email(), Reason::ChangedMeanwhile);
-                        return self.unlock(Next::Select);
-                    }
-                    (Ok(record), Some(account)) => {
-                        if !record.accounts.contains(&account) {
-                            let mut record = record.clone();
-                            record.accounts.push(account.clone());
-                            writes.push_back((StateFile::Failed, FileText(record.to_text())));
-                        }
-                        change::remove(&mut accounts, &account);
-                    }
+                };
+                if !record.accounts.contains(&account) {
+                    let mut record = record.clone();
+                    record.accounts.push(account.clone());
+                    writes.push_back((StateFile::Failed, FileText(record.to_text())));
                 }
+                change::remove(&mut accounts, &account);
             }
         }
         if accounts != self.view().accounts {
@@ -706,7 +720,7 @@ impl TokenRequest {
             Job::FinishMoves | Job::Refresh(..) => Next::Select,
             Job::StoreTokens(fresh, _, then) => Next::Token(fresh, then),
             Job::Persist(outcome) => Next::Finish(outcome),
-            Job::Move(failed) => {
+            Job::Move(failed, _) => {
                 self.pass_over(failed.email(), Reason::Invalid(failed.why().to_owned()));
                 Next::Select
             }
@@ -718,7 +732,7 @@ impl TokenRequest {
         self.warnings
             .push(format!("{}: not written: {why}", file.name()));
         let next = match job {
-            Job::Move(failed) if file == StateFile::Failed => {
+            Job::Move(failed, _) if file == StateFile::Failed => {
                 self.pass_over(
                     failed.email(),
                     Reason::NotMoved(format!("{}: {why}", file.name())),

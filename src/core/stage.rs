@@ -519,6 +519,13 @@ impl Failed {
         &self.why
     }
 
+    /// Another writer gave the account new tokens while it was being judged: the verdict
+    /// was about the old ones, so the new ones are tried.
+    pub fn rotated_elsewhere(self, stored: Account) -> TokenFresh {
+        debug_assert_eq!(stored.email, self.account.email);
+        TokenFresh::new(stored, TokenOrigin::RotatedElsewhere)
+    }
+
     /// The same account in a fresh read: same email and the very tokens that were judged.
     /// Anything else was re-added or rotated meanwhile and must stay.
     pub fn matches(&self, stored: &Account) -> bool {

@@ -525,3 +525,100 @@ fn usage_401_after_a_failed_refresh_keeps_the_account() {
         2
     );
 }
+
+/// Drives a request by hand up to its refresh call, then lets `during_call` change the world.
+fn refresh_rejected_with(during_call: impl FnOnce(&mut World)) -> (World, Outcome) {
+    let mut a = account("a", 10);
+    a.token_refresh_at = Some(NOW);
+    let mut world = World::new(&pool(Some("a"), vec![a]));
+    let mut request = TokenRequest::new(NOW, Policy::default());
+    let mut during_call = Some(during_call);
+    let reused = r#"{"error": {"message": "already used", "type": "invalid_request_error", "param": null, "code": "refresh_token_reused"}}"#;
+    while let Some(effect) = request.poll_effect() {
+        world.trace.push(step_name(&effect));
+        let event = match effect {
+            Effect::ReadFiles => Event::FilesRead {
+                accounts: world.accounts.clone(),
+                failed: world.failed.clone(),
+            },
+            Effect::Lock => Event::Locked,
+            Effect::Unlock => Event::Unlocked,
+            Effect::Write { file, content, .. } => {
+                match file {
+                    StateFile::Accounts => world.accounts = FileRead::Text(content.0),
+                    StateFile::Failed => world.failed = FileRead::Text(content.0),
+                }
+                Event::Written {
+                    file,
+                    result: WriteResult::Done,
+                }
+            }
+            Effect::RefreshToken {
+                email,
+                refresh_token,
+            } => {
+                (during_call.take().unwrap())(&mut world);
+                Event::TokenRefreshed {
+                    email,
+                    refresh_token,
+                    reply: status(401, reused),
+                }
+            }
+            Effect::Validate {
+                email,
+                access_token,
+                ..
+            } => Event::ValidationAnswered {
+                email,
+                access_token,
+                reply: models(),
+            },
+            Effect::FetchUsage { .. } => unreachable!(),
+        };
+        request.handle(event);
+    }
+    (world, request.into_outcome().unwrap())
+}
+
+#[test]
+fn refresh_token_reused_is_a_verdict_when_the_file_still_holds_that_token() {
+    let (world, outcome) = refresh_rejected_with(|_| {});
+    assert!(
+        matches!(outcome, Outcome::NoUsableAccount { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(world.failed().accounts.len(), 1);
+    assert!(world.accounts().accounts.is_empty());
+}
+
+#[test]
+fn refresh_token_reused_after_another_writer_rotated_uses_their_tokens() {
+    let (world, outcome) = refresh_rejected_with(|world| {
+        let mut file = world.accounts();
+        file.accounts[0].access_token = Secret::new("their-at");
+        file.accounts[0].refresh_token = Secret::new("their-rt");
+        file.accounts[0].token_refresh_at = Some(NOW + 9000);
+        world.accounts = FileRead::Text(file.to_text());
+    });
+    match &outcome {
+        Outcome::Token { answer, .. } => assert_eq!(answer.access_token().expose(), "their-at"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(world.failed, FileRead::Missing);
+    assert_eq!(
+        world.accounts().accounts[0].refresh_token.expose(),
+        "their-rt"
+    );
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "lock",
+            "read",
+            "refresh a",
+            "read",
+            "unlock",
+            "validate a"
+        ]
+    );
+}
