@@ -197,6 +197,9 @@ struct State {
     /// refresh token -> (email, already used)
     refresh: HashMap<String, (String, bool)>,
     replies: VecDeque<Scripted>,
+    /// While not empty, every unscripted call gets the next of these, in turn.
+    outage: Vec<Reply>,
+    outage_next: usize,
     latency: Duration,
     now: Option<i64>,
     lifetime: i64,
@@ -227,6 +230,8 @@ impl FakeUpstream {
                 access: HashMap::new(),
                 refresh: HashMap::new(),
                 replies: VecDeque::new(),
+                outage: Vec::new(),
+                outage_next: 0,
                 latency: Duration::ZERO,
                 now: None,
                 lifetime: DEFAULT_TOKEN_LIFETIME,
@@ -305,6 +310,14 @@ impl FakeUpstream {
             email: email.map(str::to_owned),
             reply,
         });
+    }
+
+    /// An incident: every call that has no scripted reply gets the next of `replies`, in
+    /// turn, until `set_outage(vec![])` ends it.
+    pub fn set_outage(&self, replies: Vec<Reply>) {
+        let mut st = self.lock();
+        st.outage = replies;
+        st.outage_next = 0;
     }
 
     /// Delay added before every answer (benchmarks use 50 ms).

@@ -123,6 +123,11 @@ async fn handle(
         });
         let reply = match scripted {
             Some(i) => st.replies.remove(i).expect("index from position").reply,
+            None if !st.outage.is_empty() => {
+                let i = st.outage_next % st.outage.len();
+                st.outage_next += 1;
+                st.outage[i].clone()
+            }
             None => match endpoint {
                 Endpoint::Refresh => st.do_refresh(form),
                 Endpoint::Usage => st.do_usage(call.bearer.as_deref()),

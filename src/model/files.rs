@@ -6,7 +6,7 @@
 //! trailing newline.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Number;
+use serde_json::{Map, Number, Value};
 
 use super::Secret;
 
@@ -91,26 +91,41 @@ impl FileError {
 }
 
 impl AccountsFile {
-    /// Parses and validates `accounts.json`. Every problem names its position.
+    /// Parses and validates `accounts.json`; every problem names its position.
     pub fn parse(text: &str) -> Result<Self, FileError> {
-        let file: AccountsFile = parse_json(ACCOUNTS_FILE, text)?;
-        let mut problems = Vec::new();
-        for (i, account) in file.accounts.iter().enumerate() {
-            problems.extend(account_problems(i, account));
-            if let Some(first) = file.accounts[..i]
-                .iter()
-                .position(|a| a.email == account.email)
-            {
+        Self::check(text).map_err(|problems| FileError::new(ACCOUNTS_FILE, problems.join("; ")))
+    }
+
+    /// Every problem of the text, each with its position, or the file when there are none.
+    pub fn check(text: &str) -> Result<Self, Vec<String>> {
+        let (mut top, mut problems) = object(text, &["active_account", "accounts"])?;
+        let active_account = match top.remove("active_account") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(email)) => Some(email),
+            Some(other) => {
+                problems.push(format!(
+                    "active_account must be a string or null, found {other}"
+                ));
+                None
+            }
+        };
+        let indexed = accounts(top.remove("accounts"), &mut problems);
+        for (n, (i, account)) in indexed.iter().enumerate() {
+            if let Some((first, _)) = indexed[..n].iter().find(|(_, a)| a.email == account.email) {
                 problems.push(format!(
                     "accounts[{i}] ({}): duplicate email, already used by accounts[{first}]",
                     account.email
                 ));
             }
         }
+        let accounts = indexed.into_iter().map(|(_, a)| a).collect();
         if problems.is_empty() {
-            Ok(file)
+            Ok(AccountsFile {
+                active_account,
+                accounts,
+            })
         } else {
-            Err(FileError::new(ACCOUNTS_FILE, problems.join("; ")))
+            Err(problems)
         }
     }
 
@@ -131,17 +146,17 @@ impl AccountsFile {
 impl FailedFile {
     /// Parses `failed.json`. Emails may repeat here: an account can fail more than once.
     pub fn parse(text: &str) -> Result<Self, FileError> {
-        let file: FailedFile = parse_json(FAILED_FILE, text)?;
-        let problems: Vec<String> = file
-            .accounts
-            .iter()
-            .enumerate()
-            .flat_map(|(i, a)| account_problems(i, a))
-            .collect();
+        Self::check(text).map_err(|problems| FileError::new(FAILED_FILE, problems.join("; ")))
+    }
+
+    pub fn check(text: &str) -> Result<Self, Vec<String>> {
+        let (mut top, mut problems) = object(text, &["accounts"])?;
+        let accounts = accounts(top.remove("accounts"), &mut problems);
         if problems.is_empty() {
-            Ok(file)
+            let accounts = accounts.into_iter().map(|(_, a)| a).collect();
+            Ok(FailedFile { accounts })
         } else {
-            Err(FileError::new(FAILED_FILE, problems.join("; ")))
+            Err(problems)
         }
     }
 
@@ -150,22 +165,82 @@ impl FailedFile {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(
-    file: &'static str,
-    text: &str,
-) -> Result<T, FileError> {
+/// The top-level object, and a problem for every key not in `known`. A text that is not
+/// JSON at all is one problem, with serde's line and column.
+fn object(text: &str, known: &[&str]) -> Result<(Map<String, Value>, Vec<String>), Vec<String>> {
     if text.trim().is_empty() {
-        return Err(FileError::new(file, "the file is empty"));
+        return Err(vec!["the file is empty".into()]);
     }
-    // serde_json's message already carries "at line L column C".
-    serde_json::from_str(text).map_err(|e| FileError::new(file, e.to_string()))
+    let top = match serde_json::from_str(text) {
+        Ok(Value::Object(top)) => top,
+        Ok(other) => {
+            return Err(vec![format!(
+                "the top level must be an object, found {}",
+                kind(&other)
+            )])
+        }
+        Err(e) => return Err(vec![e.to_string()]),
+    };
+    let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
+    let problems = top
+        .keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .map(|k| {
+            format!(
+                "unknown field `{k}` at the top level, expected {}",
+                expected.join(" or ")
+            )
+        })
+        .collect();
+    Ok((top, problems))
 }
 
-fn account_problems(i: usize, a: &Account) -> Vec<String> {
+/// Each account of the `accounts` array with its index; a problem (with
+/// `accounts[i] (email)`) for each one that does not fit the schema.
+fn accounts(value: Option<Value>, problems: &mut Vec<String>) -> Vec<(usize, Account)> {
+    let items = match value {
+        Some(Value::Array(items)) => items,
+        None => {
+            problems.push("missing field `accounts`".into());
+            return Vec::new();
+        }
+        Some(other) => {
+            problems.push(format!("accounts must be an array, found {}", kind(&other)));
+            return Vec::new();
+        }
+    };
+    let mut accounts = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let at = match item.get("email").and_then(Value::as_str) {
+            Some(email) => format!("accounts[{i}] ({email})"),
+            None => format!("accounts[{i}]"),
+        };
+        match Account::deserialize(item) {
+            Ok(account) => {
+                problems.extend(account_problems(&at, &account));
+                accounts.push((i, account));
+            }
+            Err(e) => problems.push(format!("{at}: {e}")),
+        }
+    }
+    accounts
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn account_problems(at: &str, a: &Account) -> Vec<String> {
     let mut problems = Vec::new();
-    let at = format!("accounts[{i}] ({})", a.email);
     if a.email.trim().is_empty() {
-        problems.push(format!("accounts[{i}]: email is empty"));
+        problems.push(format!("{at}: email is empty"));
     }
     if a.access_token.is_empty() {
         problems.push(format!("{at}: access_token is empty"));
@@ -173,8 +248,7 @@ fn account_problems(i: usize, a: &Account) -> Vec<String> {
     if let Some(usage) = &a.usage {
         for (name, window) in [("primary", &usage.primary), ("secondary", &usage.secondary)] {
             if let Some(w) = window {
-                let pct = w.used_percent.as_f64();
-                if !pct.is_some_and(|p| p >= 0.0) {
+                if !w.used_percent.as_f64().is_some_and(|p| p >= 0.0) {
                     problems.push(format!(
                         "{at}: usage.{name}.used_percent must be a number >= 0, found {}",
                         w.used_percent
@@ -247,16 +321,19 @@ mod tests {
             ("{\"accounts\": [", "accounts.json: EOF while parsing"),
             (
                 "{\"accounts\": [], \"extra\": 1}",
-                "accounts.json: unknown field `extra`",
+                "accounts.json: unknown field `extra` at the top level",
             ),
             (
                 "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"token\": 1}]}",
-                "accounts.json: unknown field `token`",
+                "accounts.json: accounts[0] (a): unknown field `token`",
             ),
             (
                 "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"usage_checked_at\": \"soon\"}]}",
-                "accounts.json: invalid type: string \"soon\", expected i64",
+                "accounts.json: accounts[0] (a): invalid type: string \"soon\", expected i64",
             ),
+            ("[]", "accounts.json: the top level must be an object, found an array"),
+            ("{\"accounts\": {}}", "accounts.json: accounts must be an array, found an object"),
+            ("{}", "accounts.json: missing field `accounts`"),
             (
                 "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\"}, {\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\"}]}",
                 "accounts.json: accounts[1] (a): duplicate email, already used by accounts[0]",
@@ -266,10 +343,30 @@ mod tests {
             let err = AccountsFile::parse(text).unwrap_err().to_string();
             assert!(err.starts_with(expected), "{text:?} gave {err:?}");
         }
-        let err = AccountsFile::parse("{\n\"accounts\": 3}")
+        let err = AccountsFile::parse("{\n\"accounts\": [3,]}")
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 2 column"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"{"accounts": [
+            {"email": "a", "access_token": "x", "refresh_token": "y", "disabled": "no"},
+            {"email": "b", "access_token": "", "refresh_token": "y"},
+            {"email": "b", "access_token": "x", "refresh_token": "y", "usage": {"primary": {"used_percent": -1, "reset_at": 1}}}
+        ], "active_account": 7}"#;
+        let problems = AccountsFile::check(text).unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "active_account must be a string or null, found 7",
+                "accounts[0] (a): invalid type: string \"no\", expected a boolean",
+                "accounts[1] (b): access_token is empty",
+                "accounts[2] (b): usage.primary.used_percent must be a number >= 0, found -1",
+                "accounts[2] (b): duplicate email, already used by accounts[1]",
+            ]
+        );
     }
 
     #[test]
