@@ -12,9 +12,11 @@
 //! - [`http`]: the axum router and its one error type.
 //! - [`fake_upstream`]: an in-repo stand-in for the OpenAI auth server and the ChatGPT
 //!   backend, used by tests, the demo and benchmarks.
+//! - [`cmd`]: `status`, `check` and `import`, the operator's commands.
 //! - [`serve`]: `gibby serve`: binding and graceful shutdown.
 //! - [`demo`]: a ready demo: the fake upstream plus a generated pool.
 
+pub mod cmd;
 pub mod core;
 pub mod demo;
 pub mod fake_upstream;

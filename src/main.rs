@@ -1,15 +1,23 @@
 //! The `gibby` binary: parse the command line, set up logging, run the subcommand.
+#![allow(clippy::disallowed_methods)] // the binary reads the file it is given
+//! Exit codes: 0 success, 1 a problem found, 2 bad usage (arguments or settings).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gibby::io::live::unix_now;
 use gibby::settings::Settings;
 
 #[derive(Parser)]
 #[command(
     name = "gibby",
     version,
-    about = "Hands out working Codex tokens from a pool of ChatGPT accounts"
+    about = "Hands out working Codex tokens from a pool of ChatGPT accounts",
+    long_about = "Hands out working Codex tokens from a pool of ChatGPT accounts.\n\n\
+        The pool lives in $GIBBY_DATA_DIR/accounts.json (default ./data); accounts the \
+        upstream declares invalid move to failed.json. Every command reads the GIBBY_* \
+        environment variables (see README.md)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -18,14 +26,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve GET /token and GET /health, configured by the GIBBY_* environment variables.
+    /// Serve GET /token and GET /health (settings from the GIBBY_* environment variables).
     Serve,
-    /// Serve a ready demo: an in-process fake upstream and a generated pool of accounts
-    /// in --data-dir (replaced on every start). Nothing reaches the real upstream.
+    /// Serve a ready demo: an in-process fake upstream and a generated pool.
+    ///
+    /// The pool is written to --data-dir (replaced on every start); nothing reaches the
+    /// real upstream. GIBBY_LISTEN applies as for serve.
     Demo {
         /// Where the demo pool is written.
         #[arg(long, default_value = "./demo-data")]
-        data_dir: std::path::PathBuf,
+        data_dir: PathBuf,
+    },
+    /// Show the pool from the files alone: each account's state, both usage windows and
+    /// when its token is next refreshed. No upstream call; tokens are never shown.
+    Status {
+        /// Print JSON for scripts instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check accounts.json and failed.json against the schema and report every problem
+    /// with its position (also files other users can read). Changes nothing; exit code 1
+    /// when a problem is found.
+    Check,
+    /// Add an account from a Codex CLI auth.json (usually ~/.codex/auth.json), or update
+    /// the tokens of the account with the same email. Other accounts are left as they are.
+    Import {
+        /// The auth.json written by `codex login`.
+        auth_json: PathBuf,
     },
 }
 
@@ -46,9 +73,27 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let dir = settings.data_dir.clone();
     let result = match cli.command {
         Command::Serve => gibby::serve::run(settings).await,
         Command::Demo { data_dir } => gibby::demo::run(settings, &data_dir).await,
+        Command::Status { json } => {
+            gibby::cmd::status::run(&dir, &settings.policy, unix_now(), json)
+                .map(|out| print!("{out}"))
+        }
+        Command::Check => {
+            let report = gibby::cmd::check::run(&dir);
+            for line in report.problems.iter().chain(&report.notes) {
+                println!("{line}");
+            }
+            if report.problems.is_empty() {
+                println!("ok");
+                Ok(())
+            } else {
+                Err(format!("{} problem(s) found", report.problems.len()))
+            }
+        }
+        Command::Import { auth_json } => import(&settings, &auth_json).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,4 +102,18 @@ async fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+async fn import(settings: &Settings, path: &std::path::Path) -> Result<(), String> {
+    let source = path.display().to_string();
+    let text = fs_err::read_to_string(path).map_err(|e| e.to_string())?;
+    let imported = gibby::cmd::import::parse_auth(&text, &source, unix_now())?;
+    let store = gibby::io::Store::new(&settings.data_dir);
+    let done = gibby::cmd::import::run(&store, &imported).await?;
+    println!(
+        "{}: {done} in {}",
+        imported.email,
+        settings.data_dir.join("accounts.json").display()
+    );
+    Ok(())
 }

@@ -212,7 +212,9 @@ impl UsageDue {
     }
 }
 
-fn token_due(a: &Account, now: i64) -> bool {
+/// A token is due for refresh when `now` has reached `token_refresh_at` (or there is none),
+/// unless it cannot be refreshed at all (empty refresh token).
+pub fn token_due(a: &Account, now: i64) -> bool {
     !a.refresh_token.is_empty() && a.token_refresh_at.is_none_or(|at| now >= at)
 }
 

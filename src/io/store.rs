@@ -86,6 +86,13 @@ impl Store {
     }
 }
 
+/// The permission bits of `path` when group or others may read or write it.
+pub fn loose_mode(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs_err::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
 pub fn read(path: &Path) -> FileRead {
     match fs_err::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {

@@ -165,9 +165,11 @@ impl FailedFile {
     }
 }
 
+type Problems = Vec<String>;
+
 /// The top-level object, and a problem for every key not in `known`. A text that is not
 /// JSON at all is one problem, with serde's line and column.
-fn object(text: &str, known: &[&str]) -> Result<(Map<String, Value>, Vec<String>), Vec<String>> {
+fn object(text: &str, known: &[&str]) -> Result<(Map<String, Value>, Problems), Problems> {
     if text.trim().is_empty() {
         return Err(vec!["the file is empty".into()]);
     }
