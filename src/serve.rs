@@ -23,6 +23,7 @@ pub fn state(settings: &Settings) -> Result<AppState, String> {
 
 pub async fn run(settings: Settings) -> Result<(), String> {
     let state = state(&settings)?;
+    warn_about_files(&settings.data_dir);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (GIBBY_LISTEN): {e}", settings.listen))?;
@@ -55,4 +56,24 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down after the requests in flight");
+}
+
+/// Startup warnings an operator should act on; none of them stops gibby.
+fn warn_about_files(dir: &std::path::Path) {
+    use crate::model::{ACCOUNTS_FILE, FAILED_FILE};
+    for name in [ACCOUNTS_FILE, FAILED_FILE] {
+        let path = dir.join(name);
+        if let Some(mode) = crate::io::store::loose_mode(&path) {
+            tracing::warn!(
+                "{}: mode {mode:04o} lets other users read the tokens; run chmod 600 on it",
+                path.display()
+            );
+        }
+    }
+    if !dir.join(ACCOUNTS_FILE).exists() {
+        tracing::warn!(
+            "{}: does not exist yet; /token answers 503 until it does (gibby import adds accounts)",
+            dir.join(ACCOUNTS_FILE).display()
+        );
+    }
 }

@@ -111,6 +111,16 @@ impl World {
                 },
             };
             self.trace.push(step_name(&effect));
+            for shown in [
+                format!("{effect:?}"),
+                format!("{event:?}"),
+                format!("{request:?}"),
+            ] {
+                assert!(
+                    !shown.contains("at-") && !shown.contains("rt-"),
+                    "a token in Debug output: {shown}"
+                );
+            }
             request.handle(event);
         }
         assert!(!locked, "the lock was left held");

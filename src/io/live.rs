@@ -60,6 +60,7 @@ impl Live {
         loop {
             let mut calls = Vec::new();
             while let Some(effect) = request.poll_effect() {
+                tracing::debug!(?effect, "effect");
                 match effect {
                     Effect::ReadFiles => request.handle(Event::FilesRead {
                         accounts: self.store.read(StateFile::Accounts),
@@ -89,6 +90,7 @@ impl Live {
                 break;
             }
             for event in join_all(calls.into_iter().map(|c| self.call(c))).await {
+                tracing::trace!(?event, "event");
                 request.handle(event);
             }
         }
