@@ -95,3 +95,95 @@ fn command_line_usage() {
         assert_eq!(output.status.code(), Some(0), "{sub:?}");
     }
 }
+
+/// SIGTERM lets the request in flight finish with its token, then gibby exits 0; the
+/// one log line per /token names the account chosen and why the others were passed over.
+#[tokio::test]
+async fn sigterm_finishes_requests_in_flight() {
+    use gibby::fake_upstream::{AccountSpec, FakeUpstream};
+    use gibby::model::{Account, AccountsFile, Secret};
+
+    let fake = FakeUpstream::new();
+    let upstream = fake.start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let issued = fake.add_account(AccountSpec::new("a@example.com"));
+    let mut disabled = Account {
+        email: "a@example.com".into(),
+        access_token: Secret::new(issued.access_token),
+        refresh_token: Secret::new(issued.refresh_token),
+        token_refresh_at: Some(issued.expires_at - 86_400),
+        usage: None,
+        usage_checked_at: None,
+        disabled: false,
+    };
+    let served = disabled.clone();
+    disabled.email = "off@example.com".into();
+    disabled.disabled = true;
+    let file = AccountsFile {
+        active_account: None,
+        accounts: vec![disabled, served],
+    };
+    std::fs::write(dir.path().join("accounts.json"), file.to_text()).unwrap();
+    fake.set_latency(Duration::from_millis(400));
+
+    let port = free_port();
+    let child = gibby()
+        .arg("serve")
+        .env("GIBBY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("GIBBY_DATA_DIR", dir.path())
+        .env("GIBBY_CHATGPT_BASE_URL", &upstream.base_url)
+        .env("GIBBY_AUTH_BASE_URL", &upstream.base_url)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut running = Running(child);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut up = false;
+    for _ in 0..300 {
+        if client.get(format!("{url}/health")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up, "gibby serve did not come up");
+
+    let in_flight = tokio::spawn(client.get(format!("{url}/token")).send());
+    // Wait until the request has reached the upstream (bounded), then ask gibby to stop.
+    for _ in 0..500 {
+        if !fake.calls().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !fake.calls().is_empty(),
+        "the request never reached the upstream"
+    );
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = running.0.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(running.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0), "{}", status.1);
+    let line = status
+        .1
+        .lines()
+        .find(|l| l.contains("token served"))
+        .unwrap_or_else(|| panic!("no log line per /token:\n{}", status.1));
+    assert!(
+        line.contains("a@example.com") && line.contains("off@example.com: disabled"),
+        "{line}"
+    );
+}

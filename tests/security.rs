@@ -1,0 +1,71 @@
+//! What keeps tokens from the wrong hands: the API key, browsers refused, nothing cached.
+
+mod common;
+
+use common::*;
+
+async fn get_with(
+    h: &Harness,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut request = h.client.get(format!("{}{path}", h.url));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.text().await.unwrap())
+}
+
+/// With GIBBY_API_KEY set, /token needs exactly `Authorization: Bearer <key>`; /health does not.
+#[tokio::test]
+async fn api_key_is_required_when_set() {
+    let h = Harness::start_with(|s| s.api_key = Some("s3cret-key".into())).await;
+    let a = h.account("a@example.com", 10, 10);
+    h.write_accounts(&pool(Some("a@example.com"), vec![a]));
+    for headers in [
+        &[][..],
+        &[("authorization", "Bearer wrong")],
+        &[("authorization", "Bearer s3cret-key-and-more")],
+        &[("authorization", "Bearer s3cret-ke")],
+        &[("authorization", "Basic s3cret-key")],
+        &[("authorization", "s3cret-key")],
+    ] {
+        let (status, head, body) = get_with(&h, "/token", headers).await;
+        assert_eq!(status, 401, "{headers:?}");
+        assert_eq!(head["www-authenticate"], "Bearer");
+        assert_eq!(head["cache-control"], "no-store");
+        assert!(!body.contains("s3cret"), "{body}");
+    }
+    assert_eq!(h.fake.calls().len(), 0, "no upstream call without the key");
+    let (status, _, _) = get_with(&h, "/token", &[("authorization", "Bearer s3cret-key")]).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = get_with(&h, "/health", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    h.stop().await;
+}
+
+/// Any request with an Origin header is refused before anything else happens.
+#[tokio::test]
+async fn requests_from_web_pages_are_refused() {
+    let h = Harness::start_with(|s| s.api_key = Some("k".into())).await;
+    let a = h.account("a@example.com", 10, 10);
+    h.write_accounts(&pool(Some("a@example.com"), vec![a]));
+    for path in ["/token", "/health"] {
+        for origin in ["http://evil.example", "null", "http://127.0.0.1:8080"] {
+            let (status, head, body) = get_with(
+                &h,
+                path,
+                &[("origin", origin), ("authorization", "Bearer k")],
+            )
+            .await;
+            assert_eq!(status, 403, "{path} {origin}");
+            assert_eq!(head["cache-control"], "no-store");
+            assert!(body.contains("origin_refused"), "{body}");
+        }
+    }
+    assert_eq!(h.fake.calls().len(), 0);
+    h.stop().await;
+}
