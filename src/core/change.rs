@@ -12,6 +12,8 @@ pub enum Change {
     SetUsage {
         email: String,
         access_token: Secret,
+        /// The usage and check time it replaces: if someone wrote others meanwhile, theirs stay.
+        seen: (Option<Usage>, Option<i64>),
         usage: Usage,
         checked_at: i64,
     },
@@ -32,12 +34,14 @@ impl Change {
             Change::SetUsage {
                 email,
                 access_token,
+                seen,
                 usage,
                 checked_at,
             } => match file.find_mut(email) {
-                // A stored check time after ours can only be a future one, which
-                // is stale by definition, so ours replaces it.
-                Some(a) if &a.access_token == access_token => {
+                Some(a)
+                    if &a.access_token == access_token
+                        && (&a.usage, &a.usage_checked_at) == (&seen.0, &seen.1) =>
+                {
                     a.usage = Some(usage.clone());
                     a.usage_checked_at = Some(*checked_at);
                     true
@@ -117,11 +121,12 @@ mod tests {
 
     #[test]
     fn changes_apply_only_to_the_account_as_it_was_read() {
-        let usage = |email: &str, at: &str, checked_at| Change::SetUsage {
+        let usage = |email: &str, at: &str, seen_checked_at| Change::SetUsage {
             email: email.into(),
             access_token: Secret::new(at),
+            seen: (None, Some(seen_checked_at)),
             usage: Usage::default(),
-            checked_at,
+            checked_at: 6,
         };
         let tokens = |spent: &str| Change::SetTokens {
             email: "a".into(),
@@ -137,10 +142,11 @@ mod tests {
             seen: seen.map(str::to_owned),
         };
         let cases = [
-            (usage("a", "at1", 6), true),
-            (usage("a", "rotated", 6), false),
-            (usage("a", "at1", 4), true),
-            (usage("gone", "at1", 6), false),
+            (usage("a", "at1", 5), true),
+            (usage("a", "rotated", 5), false),
+            // another writer stored other usage since
+            (usage("a", "at1", 4), false),
+            (usage("gone", "at1", 5), false),
             (tokens("rt1"), true),
             (tokens("rt-old"), false),
             (active("b", Some("a")), true),

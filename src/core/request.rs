@@ -306,15 +306,8 @@ impl TokenRequest {
 
     fn usage_answered(&mut self, answer: UsageAnswer) {
         match answer {
-            UsageAnswer::Checked(checked, fetched) => {
-                if let Some(usage) = fetched {
-                    self.changes.push(Change::SetUsage {
-                        email: checked.email().to_owned(),
-                        access_token: checked.access_token().clone(),
-                        usage,
-                        checked_at: self.now,
-                    });
-                }
+            UsageAnswer::Checked(checked, change) => {
+                self.changes.extend(change);
                 self.checked.insert(checked.email().to_owned(), checked);
             }
             UsageAnswer::Failed(failed) => self.failures.push(failed),

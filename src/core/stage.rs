@@ -6,6 +6,7 @@
 //! [`Validated::into_answer`], and the only way to a `Validated` is a 200 with a model
 //! list from the validation call for that very token.
 
+use super::change::Change;
 use super::effect::{Effect, Reply};
 use super::verdict::{classify, Call, Verdict};
 use super::wire::{self, NewTokens};
@@ -138,8 +139,8 @@ pub struct UsageDue {
 /// What a usage answer turned an account into.
 #[derive(Debug)]
 pub enum UsageAnswer {
-    /// With the usage to persist, when it was fetched.
-    Checked(UsageChecked, Option<Usage>),
+    /// With the change that persists the usage, when it was fetched.
+    Checked(UsageChecked, Option<Change>),
     Failed(Failed),
     /// The token is due and was rejected: refresh it, then ask again.
     RefreshFirst(RefreshDue),
@@ -166,14 +167,22 @@ impl UsageDue {
         let problem = match classify(Call::Usage, reply) {
             Verdict::Success(body) => match wire::usage_from_body(body, now) {
                 Some(usage) => {
+                    let a = &self.account;
+                    let change = Change::SetUsage {
+                        email: a.email.clone(),
+                        access_token: a.access_token.clone(),
+                        seen: (a.usage.clone(), a.usage_checked_at),
+                        usage: usage.clone(),
+                        checked_at: now,
+                    };
                     return UsageAnswer::Checked(
                         UsageChecked {
                             account: self.account,
-                            usage: Some(usage.clone()),
+                            usage: Some(usage),
                             source: UsageSource::Fetched,
                         },
-                        Some(usage),
-                    )
+                        Some(change),
+                    );
                 }
                 None => "usage answer did not parse".to_owned(),
             },

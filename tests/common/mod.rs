@@ -112,6 +112,16 @@ impl Harness {
         std::fs::read_to_string(self.dir.path().join(name)).ok()
     }
 
+    /// Every name in the data directory, hidden ones (the lock file) included, sorted.
+    pub fn files_in_dir(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn accounts(&self) -> AccountsFile {
         AccountsFile::parse(
             &self
