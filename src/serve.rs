@@ -16,6 +16,7 @@ pub fn state(settings: &Settings) -> Result<AppState, String> {
             upstream,
             policy: settings.policy,
             clock: crate::io::live::system_clock(),
+            validations: Default::default(),
         }),
         api_key: settings.api_key.clone(),
     })

@@ -868,3 +868,41 @@ async fn duplicate_email_is_an_invalid_state_file_naming_the_account() {
     assert_eq!(h.fake.calls().len(), 0);
     h.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shared validations
+// ---------------------------------------------------------------------------------------------
+
+/// Requests that arrive while a validation of the same token is in flight take its answer
+/// instead of sending their own; a request after it has answered sends a new one.
+#[tokio::test]
+async fn concurrent_requests_share_a_validation_in_flight() {
+    let h = Harness::start().await;
+    let a = h.account(A, 10, 20);
+    h.write_accounts(&pool(Some(A), vec![a.clone()]));
+    let before = h.read_text("accounts.json");
+    // Long enough that all requests arrive while the first validation is still out.
+    h.fake.set_latency(std::time::Duration::from_millis(1500));
+
+    let answers = futures_util::future::join_all((0..16).map(|_| h.token())).await;
+
+    for answer in &answers {
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body["access_token"], a.access_token.expose());
+    }
+    let shared = models_calls(&h).len();
+    assert!(
+        (1..16).contains(&shared),
+        "16 concurrent requests sent {shared} validations"
+    );
+    assert_eq!(h.read_text("accounts.json"), before, "nothing to write");
+
+    h.fake.set_latency(std::time::Duration::ZERO);
+    assert_eq!(h.token().await.status, 200);
+    assert_eq!(
+        models_calls(&h).len(),
+        shared + 1,
+        "a finished validation is not reused"
+    );
+    h.stop().await;
+}

@@ -60,6 +60,8 @@ async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Resp
             tracing::info!(
                 account = answer.email(),
                 passed_over = %describe(&passed_over),
+                upstream_calls = finished.upstream_calls,
+                writes = finished.writes,
                 "token served"
             );
             let mut response = Json(answer).into_response();
@@ -70,7 +72,12 @@ async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Resp
             passed_over,
             retry_after,
         } => {
-            tracing::info!(passed_over = %describe(&passed_over), "no usable account");
+            tracing::info!(
+                passed_over = %describe(&passed_over),
+                upstream_calls = finished.upstream_calls,
+                writes = finished.writes,
+                "no usable account"
+            );
             Err(AppError::NoUsableAccount {
                 passed_over,
                 retry_after,

@@ -1,13 +1,16 @@
 //! The live interpreter: performs the core's effects with the file system and reqwest.
 //! A loop without policy: perform, feed back, repeat.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use futures_util::future::join_all;
+use futures_util::future::{join_all, BoxFuture, Shared};
+use futures_util::FutureExt;
 
 use super::store::{LockGuard, Store};
 use super::upstream::Upstream;
-use crate::core::{Effect, Event, Outcome, StateFile, TokenRequest};
+use crate::core::{Effect, Event, Outcome, Reply, StateFile, TokenRequest, WriteResult};
+use crate::model::Secret;
 use crate::settings::Policy;
 
 /// Where the interpreter reads the time: the system clock, or a fixed one in tests.
@@ -19,6 +22,8 @@ pub struct Live {
     pub upstream: Upstream,
     pub policy: Policy,
     pub clock: Clock,
+    /// Validation calls in flight, by token: concurrent requests for the same token share one.
+    pub validations: Validations,
 }
 
 impl std::fmt::Debug for Live {
@@ -46,6 +51,61 @@ pub enum LiveError {
 pub struct Finished {
     pub outcome: Outcome,
     pub warnings: Vec<String>,
+    /// Upstream calls this request sent itself (a shared validation it joined is not one).
+    pub upstream_calls: usize,
+    /// Files this request replaced.
+    pub writes: usize,
+}
+
+/// Validation calls in flight, keyed by access token and account id. A request that needs
+/// a validation of a token already being validated joins that call instead of sending
+/// another; the call runs as its own task, so a request that goes away cannot strand the
+/// others, and the task removes its entry when the answer is in.
+#[derive(Clone, Default)]
+pub struct Validations {
+    in_flight: Arc<Mutex<HashMap<(String, Option<String>), Shared<BoxFuture<'static, Reply>>>>>,
+}
+
+impl Validations {
+    /// Joins the call in flight for this token, or starts one with `upstream`.
+    /// Returns the answer and whether this request started the call.
+    async fn validate(
+        &self,
+        upstream: &Upstream,
+        access_token: &Secret,
+        account_id: Option<&str>,
+    ) -> (Reply, bool) {
+        let key = (
+            access_token.expose().to_owned(),
+            account_id.map(str::to_owned),
+        );
+        let (call, started) = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            match in_flight.get(&key) {
+                Some(call) => (call.clone(), false),
+                None => {
+                    let (upstream, token, id) =
+                        (upstream.clone(), access_token.clone(), key.1.clone());
+                    let map = self.in_flight.clone();
+                    let entry = key.clone();
+                    let task = tokio::spawn(async move {
+                        let reply = upstream.validate(&token, id.as_deref()).await;
+                        map.lock().unwrap_or_else(|e| e.into_inner()).remove(&entry);
+                        reply
+                    });
+                    let call = async move {
+                        task.await
+                            .unwrap_or_else(|e| Reply::Transport(format!("validation task: {e}")))
+                    }
+                    .boxed()
+                    .shared();
+                    in_flight.insert(key, call.clone());
+                    (call, true)
+                }
+            }
+        };
+        (call.await, started)
+    }
 }
 
 impl Live {
@@ -57,6 +117,7 @@ impl Live {
 
     pub async fn run(&self, mut request: TokenRequest) -> Result<Finished, LiveError> {
         let mut lock: Option<LockGuard> = None;
+        let (mut upstream_calls, mut writes) = (0, 0);
         loop {
             let mut calls = Vec::new();
             while let Some(effect) = request.poll_effect() {
@@ -81,6 +142,7 @@ impl Live {
                     } => {
                         debug_assert!(lock.is_some(), "writes happen under the lock");
                         let result = self.store.write(file, &content.0, &expected);
+                        writes += usize::from(result == WriteResult::Done);
                         request.handle(Event::Written { file, result });
                     }
                     call => calls.push(call),
@@ -89,18 +151,25 @@ impl Live {
             if calls.is_empty() {
                 break;
             }
-            for event in join_all(calls.into_iter().map(|c| self.call(c))).await {
+            for (event, sent) in join_all(calls.into_iter().map(|c| self.call(c))).await {
                 tracing::trace!(?event, "event");
+                upstream_calls += usize::from(sent);
                 request.handle(event);
             }
         }
         drop(lock);
         let warnings = request.warnings().to_vec();
         let outcome = request.into_outcome().ok_or(LiveError::NoOutcome)?;
-        Ok(Finished { outcome, warnings })
+        Ok(Finished {
+            outcome,
+            warnings,
+            upstream_calls,
+            writes,
+        })
     }
 
-    async fn call(&self, effect: Effect) -> Event {
+    /// Performs one upstream call; says whether it was sent (rather than joined).
+    async fn call(&self, effect: Effect) -> (Event, bool) {
         match effect {
             Effect::FetchUsage {
                 email,
@@ -111,37 +180,40 @@ impl Live {
                     .upstream
                     .usage(&access_token, account_id.as_deref())
                     .await;
-                Event::UsageFetched {
+                let event = Event::UsageFetched {
                     email,
                     access_token,
                     reply,
-                }
+                };
+                (event, true)
             }
             Effect::RefreshToken {
                 email,
                 refresh_token,
             } => {
                 let reply = self.upstream.refresh(&refresh_token).await;
-                Event::TokenRefreshed {
+                let event = Event::TokenRefreshed {
                     email,
                     refresh_token,
                     reply,
-                }
+                };
+                (event, true)
             }
             Effect::Validate {
                 email,
                 access_token,
                 account_id,
             } => {
-                let reply = self
-                    .upstream
-                    .validate(&access_token, account_id.as_deref())
+                let (reply, sent) = self
+                    .validations
+                    .validate(&self.upstream, &access_token, account_id.as_deref())
                     .await;
-                Event::ValidationAnswered {
+                let event = Event::ValidationAnswered {
                     email,
                     access_token,
                     reply,
-                }
+                };
+                (event, sent)
             }
             _ => unreachable!("only upstream calls are collected"),
         }

@@ -56,6 +56,7 @@ impl Harness {
                 upstream: Upstream::new(&settings).expect("client builds"),
                 policy: settings.policy,
                 clock: Arc::new(|| NOW),
+                validations: Default::default(),
             }),
             api_key: settings.api_key.clone(),
         };
