@@ -57,13 +57,15 @@ pub struct Finished {
     pub writes: usize,
 }
 
+type InFlight = HashMap<(String, Option<String>), Shared<BoxFuture<'static, Reply>>>;
+
 /// Validation calls in flight, keyed by access token and account id. A request that needs
 /// a validation of a token already being validated joins that call instead of sending
 /// another; the call runs as its own task, so a request that goes away cannot strand the
 /// others, and the task removes its entry when the answer is in.
 #[derive(Clone, Default)]
 pub struct Validations {
-    in_flight: Arc<Mutex<HashMap<(String, Option<String>), Shared<BoxFuture<'static, Reply>>>>>,
+    in_flight: Arc<Mutex<InFlight>>,
 }
 
 impl Validations {
