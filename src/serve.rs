@@ -28,8 +28,9 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (GIBBY_LISTEN): {e}", settings.listen))?;
+    let listen = listener.local_addr().unwrap_or(settings.listen);
     tracing::info!(
-        listen = %settings.listen,
+        %listen,
         data_dir = %settings.data_dir.display(),
         api_key = settings.api_key.is_some(),
         "gibby serving"

@@ -1,0 +1,524 @@
+//! `cargo bench --bench gibby`: what gibby costs on top of the upstream it works against.
+//!
+//! Starts the fake upstream in this process and the real `gibby serve` binary as a child
+//! process, both on 127.0.0.1. For pools of 10, 100 and 1,000 accounts (fresh usage, fresh
+//! tokens, the first one active) it drives `GET /token` with 1 and 64 concurrent clients,
+//! with the fake answering at once and with 50 ms added to every answer, and prints requests
+//! per second, p50/p99 latency, upstream calls and file writes per `/token` and gibby's peak
+//! resident memory; then the same for the fake's validation endpoint hit directly, the limit
+//! gibby works against, and the targets of issue #7 read from this one run.
+//!
+//! Figures only: nothing here fails a build. `GIBBY_BENCH_SCALE` (default 1) multiplies the
+//! request counts.
+#![allow(clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use gibby::fake_upstream::{AccountSpec, Endpoint, FakeUpstream, Window};
+use gibby::model::{Account, AccountsFile, Secret, Usage};
+use gibby::settings::DEFAULT_CODEX_CLIENT_VERSION;
+
+const POOLS: [usize; 3] = [10, 100, 1_000];
+const CLIENTS: [usize; 2] = [1, 64];
+const LATENCIES_MS: [u64; 2] = [0, 50];
+
+/// Requests measured per run (after a warm-up that is not counted).
+fn requests(latency_ms: u64, clients: usize) -> usize {
+    let scale = std::env::var("GIBBY_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(1.0);
+    let base = match (latency_ms, clients) {
+        (0, 1) => 3_000,
+        (0, _) => 20_000,
+        (_, 1) => 100,
+        (_, _) => 4_000,
+    };
+    ((base as f64 * scale) as usize).max(10)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Direct,
+    Gibby(usize),
+}
+
+struct Row {
+    target: Target,
+    latency_ms: u64,
+    clients: usize,
+    load: Load,
+    upstream_per_token: f64,
+    writes_per_token: Option<f64>,
+    peak_rss_kib: Option<u64>,
+}
+
+struct Load {
+    requests: usize,
+    failures: usize,
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let fake = FakeUpstream::new();
+    fake.set_token_lifetime(30 * 86_400);
+    let upstream = fake.start(0).await.expect("fake upstream starts");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(128)
+        .build()
+        .expect("client");
+    let mut rows = Vec::new();
+
+    // The limit: the fake's validation endpoint, hit directly with a known token.
+    let issued = fake.add_account(AccountSpec::new("direct@bench.invalid"));
+    let url = format!(
+        "{}/backend-api/codex/models?client_version={DEFAULT_CODEX_CLIENT_VERSION}",
+        upstream.base_url
+    );
+    let direct: Request = Arc::new(move |c: &reqwest::Client| {
+        c.get(&url)
+            .bearer_auth(&issued.access_token)
+            .header("chatgpt-account-id", &issued.account_id)
+    });
+    for latency_ms in LATENCIES_MS {
+        fake.set_latency(Duration::from_millis(latency_ms));
+        for clients in CLIENTS {
+            let calls = upstream_calls(&fake);
+            let load = drive(&client, &direct, clients, requests(latency_ms, clients)).await;
+            let per = (upstream_calls(&fake) - calls) as f64 / (load.requests + WARM_UP) as f64;
+            rows.push(Row {
+                target: Target::Direct,
+                latency_ms,
+                clients,
+                load,
+                upstream_per_token: per,
+                writes_per_token: None,
+                peak_rss_kib: None,
+            });
+        }
+    }
+
+    for size in POOLS {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_pool(&fake, dir.path(), size);
+        let gibby = Gibby::start(dir.path(), &upstream.base_url);
+        let url = format!("{}/token", gibby.url);
+        let token: Request = Arc::new(move |c: &reqwest::Client| c.get(&url));
+        for latency_ms in LATENCIES_MS {
+            fake.set_latency(Duration::from_millis(latency_ms));
+            for clients in CLIENTS {
+                let calls = upstream_calls(&fake);
+                let writes = gibby.writes.load(Ordering::SeqCst);
+                let logged = gibby.logged.load(Ordering::SeqCst);
+                let load = drive(&client, &token, clients, requests(latency_ms, clients)).await;
+                gibby.wait_for_log_lines(logged + load.requests + WARM_UP);
+                let per = (upstream_calls(&fake) - calls) as f64 / (load.requests + WARM_UP) as f64;
+                // Calls and writes are counted over the warm-up too, so a first-request
+                // write shows.
+                let wrote = gibby.writes.load(Ordering::SeqCst) - writes;
+                let writes_per_token = wrote as f64 / (load.requests + WARM_UP) as f64;
+                rows.push(Row {
+                    target: Target::Gibby(size),
+                    latency_ms,
+                    clients,
+                    load,
+                    upstream_per_token: per,
+                    writes_per_token: Some(writes_per_token),
+                    peak_rss_kib: gibby.peak_rss_kib(),
+                });
+            }
+        }
+        drop(gibby);
+    }
+    fake.set_latency(Duration::ZERO);
+    upstream.shutdown().await;
+    print_report(&rows);
+}
+
+/// Upstream calls the fake has answered so far, every endpoint.
+fn upstream_calls(fake: &FakeUpstream) -> usize {
+    [Endpoint::Refresh, Endpoint::Usage, Endpoint::Models]
+        .into_iter()
+        .map(|e| fake.count(e))
+        .sum()
+}
+
+type Request = Arc<dyn Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync>;
+
+const WARM_UP: usize = 20;
+
+/// Sends `total` requests from `clients` concurrent loops, after a short warm-up that is
+/// not measured (but is counted in upstream calls and writes by the callers).
+async fn drive(client: &reqwest::Client, request: &Request, clients: usize, total: usize) -> Load {
+    for _ in 0..WARM_UP {
+        let _ = send(client, request).await;
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, request, next) = (client.clone(), request.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut failures = 0;
+                while next.fetch_add(1, Ordering::Relaxed) < total {
+                    let t = Instant::now();
+                    if !send(&client, &request).await {
+                        failures += 1;
+                    }
+                    latencies.push(t.elapsed());
+                }
+                (latencies, failures)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(total);
+    let mut failures = 0;
+    for worker in workers {
+        let (l, f) = worker.await.expect("load worker");
+        latencies.extend(l);
+        failures += f;
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Load {
+        requests: latencies.len(),
+        failures,
+        rps: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+/// One request, body read to the end; true on a 200.
+async fn send(client: &reqwest::Client, request: &Request) -> bool {
+    match request(client).send().await {
+        Ok(response) => {
+            let ok = response.status() == reqwest::StatusCode::OK;
+            response.bytes().await.is_ok() && ok
+        }
+        Err(_) => false,
+    }
+}
+
+/// A pool of `size` accounts the fake knows, all usable: fresh usage, tokens not due.
+fn write_pool(fake: &FakeUpstream, dir: &std::path::Path, size: usize) {
+    let now = gibby::io::live::unix_now();
+    let accounts = (0..size)
+        .map(|i| {
+            let email = format!("user{i:04}@bench.invalid");
+            let primary = (i % 90) as i64;
+            let issued = fake.add_account(AccountSpec {
+                primary: Some(Window::five_hour(primary)),
+                secondary: Some(Window::weekly(20)),
+                ..AccountSpec::new(&email)
+            });
+            Account {
+                email,
+                access_token: Secret::new(issued.access_token),
+                refresh_token: Secret::new(issued.refresh_token),
+                token_refresh_at: Some(issued.expires_at - 86_400),
+                usage: Some(Usage {
+                    primary: Some(gibby::model::Window {
+                        used_percent: primary.into(),
+                        reset_at: now + 18_000,
+                    }),
+                    secondary: Some(gibby::model::Window {
+                        used_percent: 20.into(),
+                        reset_at: now + 604_800,
+                    }),
+                }),
+                usage_checked_at: Some(now),
+                disabled: false,
+            }
+        })
+        .collect::<Vec<_>>();
+    let file = AccountsFile {
+        active_account: Some(accounts[0].email.clone()),
+        accounts,
+    };
+    gibby::io::store::atomic_write(
+        &dir.join(gibby::model::ACCOUNTS_FILE),
+        file.to_text().as_bytes(),
+    )
+    .expect("pool written");
+}
+
+/// The `gibby serve` child process, killed on drop, and what its log lines say.
+struct Gibby {
+    child: Child,
+    url: String,
+    /// Per-request log lines seen (`token served` / `no usable account`).
+    logged: Arc<AtomicUsize>,
+    /// Sum of their `writes=` fields.
+    writes: Arc<AtomicUsize>,
+}
+
+impl Gibby {
+    fn start(dir: &std::path::Path, upstream: &str) -> Gibby {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gibby"))
+            .arg("serve")
+            .env("GIBBY_DATA_DIR", dir)
+            .env("GIBBY_LISTEN", "127.0.0.1:0")
+            .env("GIBBY_CHATGPT_BASE_URL", upstream)
+            .env("GIBBY_AUTH_BASE_URL", upstream)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("GIBBY_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("gibby starts");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let logged = Arc::new(AtomicUsize::new(0));
+        let writes = Arc::new(AtomicUsize::new(0));
+        let (listening, address) = mpsc::channel();
+        let (l, w) = (logged.clone(), writes.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let line = strip_ansi(&line);
+                if line.contains("gibby serving") {
+                    let _ = listening.send(field(&line, "listen").unwrap_or_default());
+                } else if line.contains("token served") || line.contains("no usable account") {
+                    let n = field(&line, "writes")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    w.fetch_add(n, Ordering::SeqCst);
+                    l.fetch_add(1, Ordering::SeqCst);
+                } else if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("gibby: {line}");
+                }
+            }
+        });
+        let address = address
+            .recv_timeout(Duration::from_secs(30))
+            .expect("gibby logs its address");
+        Gibby {
+            child,
+            url: format!("http://{address}"),
+            logged,
+            writes,
+        }
+    }
+
+    /// The log line of a request is written before its answer; the reader may lag a little.
+    fn wait_for_log_lines(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.logged.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `VmHWM`: the peak resident set of the process so far.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = fs_err::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+impl Drop for Gibby {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The value of `name=value` in a log line.
+fn field(line: &str, name: &str) -> Option<String> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    Some(
+        line[start..]
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+fn print_report(rows: &[Row]) {
+    println!();
+    println!(
+        "gibby benchmark: {} ({}), {} logical CPUs",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    println!();
+    println!(
+        "{:<18} {:>8} {:>7} {:>8} {:>5} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "target",
+        "upstream",
+        "clients",
+        "requests",
+        "fail",
+        "req/s",
+        "p50",
+        "p99",
+        "calls/tok",
+        "writes/tok",
+        "peak RSS"
+    );
+    for r in rows {
+        let target = match r.target {
+            Target::Direct => "direct validation".to_owned(),
+            Target::Gibby(n) => format!("gibby {n} accounts"),
+        };
+        println!(
+            "{:<18} {:>6}ms {:>7} {:>8} {:>5} {:>9.0} {:>9} {:>9} {:>10.3} {:>10} {:>9}",
+            target,
+            r.latency_ms,
+            r.clients,
+            r.load.requests,
+            r.load.failures,
+            r.load.rps,
+            micros(r.load.p50),
+            micros(r.load.p99),
+            r.upstream_per_token,
+            r.writes_per_token.map_or("-".into(), |w| format!("{w:.3}")),
+            r.peak_rss_kib
+                .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+        );
+    }
+    println!();
+    println!("targets (issue #7):");
+    let find = |target: Target, latency_ms: u64, clients: usize| {
+        rows.iter()
+            .find(|r| r.target == target && r.latency_ms == latency_ms && r.clients == clients)
+            .expect("every combination ran")
+    };
+    let verdict = |ok: bool, what: String| {
+        println!("  [{}] {what}", if ok { "met" } else { "MISSED" });
+    };
+    let direct = |l, c| find(Target::Direct, l, c);
+    for size in POOLS {
+        let g = |l, c| find(Target::Gibby(size), l, c);
+        let (gp, dp) = (g(0, 1).load.p50, direct(0, 1).load.p50);
+        verdict(
+            gp <= dp * 2,
+            format!(
+                "{size} accounts, upstream at once, 1 client: p50 {} <= 2 x direct {}",
+                micros(gp),
+                micros(dp)
+            ),
+        );
+        let (gr, dr) = (g(0, 64).load.rps, direct(0, 64).load.rps);
+        verdict(
+            gr >= dr / 2.0,
+            format!("{size} accounts, upstream at once, 64 clients: {gr:.0} req/s >= half of direct {dr:.0}"),
+        );
+        let (gp, dp) = (g(50, 1).load.p50, direct(50, 1).load.p50);
+        verdict(
+            gp <= dp + Duration::from_millis(2),
+            format!(
+                "{size} accounts, upstream +50 ms, 1 client: p50 {} <= direct {} + 2 ms",
+                micros(gp),
+                micros(dp)
+            ),
+        );
+        let (gr, dr) = (g(50, 64).load.rps, direct(50, 64).load.rps);
+        verdict(
+            gr >= dr,
+            format!(
+                "{size} accounts, upstream +50 ms, 64 clients: {gr:.0} req/s >= direct {dr:.0}"
+            ),
+        );
+        let steady = [g(0, 1), g(50, 1)];
+        let writes = steady
+            .iter()
+            .filter_map(|r| r.writes_per_token)
+            .fold(0.0, f64::max);
+        let calls = steady
+            .iter()
+            .map(|r| r.upstream_per_token)
+            .fold(0.0, f64::max);
+        verdict(
+            writes == 0.0 && calls <= 1.0,
+            format!("{size} accounts, steady state: {writes:.3} writes and {calls:.3} upstream calls per /token (0 and <= 1)"),
+        );
+        let shared = [g(0, 64), g(50, 64)].map(|r| r.upstream_per_token);
+        verdict(
+            shared.iter().all(|&c| c < 1.0),
+            format!(
+                "{size} accounts, 64 clients: {:.3} / {:.3} upstream calls per /token (< 1, shared validations)",
+                shared[0], shared[1]
+            ),
+        );
+        let rss = g(50, 64).peak_rss_kib.unwrap_or(u64::MAX);
+        verdict(
+            rss < 30 * 1024,
+            format!(
+                "{size} accounts: gibby peak RSS {:.1} MiB < 30 MiB",
+                rss as f64 / 1024.0
+            ),
+        );
+    }
+    let (big, small) = (
+        find(Target::Gibby(1_000), 0, 1).load.p50,
+        find(Target::Gibby(10), 0, 1).load.p50,
+    );
+    verdict(
+        big <= small * 2,
+        format!(
+            "1,000 vs 10 accounts, upstream at once, 1 client: p50 {} <= 2 x {}",
+            micros(big),
+            micros(small)
+        ),
+    );
+}
+
+fn micros(d: Duration) -> String {
+    if d >= Duration::from_millis(10) {
+        format!("{:.1} ms", d.as_secs_f64() * 1e3)
+    } else {
+        format!("{} us", d.as_micros())
+    }
+}
+
+fn cpu_model() -> String {
+    fs_err::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
