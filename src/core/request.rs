@@ -51,6 +51,7 @@ struct View {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per request, moved only on transitions
 enum State {
     Reading,
     /// Waiting for the usage answers in `TokenRequest::pending_usage`.

@@ -138,6 +138,7 @@ pub struct UsageDue {
 
 /// What a usage answer turned an account into.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // every variant owns an account; boxing buys nothing
 pub enum UsageAnswer {
     /// With the change that persists the usage, when it was fetched.
     Checked(UsageChecked, Option<Change>),
