@@ -656,7 +656,19 @@ impl TokenRequest {
                 }
             }
             Job::StoreTokens(_, change, _) => {
-                if !change.apply(&mut accounts) {
+                let email = change_email(change);
+                let replaced = accounts.find(email).map(|a| a.access_token.clone());
+                if change.apply(&mut accounts) {
+                    let (Some(old), Some(new)) = (
+                        replaced,
+                        accounts.find(email).map(|a| a.access_token.clone()),
+                    ) else {
+                        unreachable!("the tokens were just stored for this account")
+                    };
+                    for pending in &mut self.changes {
+                        pending.follow_refresh(email, &old, &new);
+                    }
+                } else {
                     self.warnings.push(format!(
                         "{}: the refreshed tokens were not stored: the account changed meanwhile",
                         change_email(change)
