@@ -18,6 +18,7 @@ pub fn state(settings: &Settings) -> Result<AppState, String> {
             clock: crate::io::live::system_clock(),
         }),
         api_key: settings.api_key.clone(),
+        record_dir: settings.record_dir.clone(),
     })
 }
 

@@ -58,6 +58,7 @@ impl Harness {
                 clock: Arc::new(|| NOW),
             }),
             api_key: settings.api_key.clone(),
+            record_dir: settings.record_dir.clone(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
