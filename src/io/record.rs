@@ -240,6 +240,9 @@ fn content<T>(read: &FileRead, parse: impl Fn(&str) -> Option<(String, T)>) -> O
     }
 }
 
+/// In a file that is not JSON, runs of token characters at least this long are replaced.
+const MIN_TOKEN_RUN: usize = 24;
+
 /// The tokens of a recording and their placeholders.
 #[derive(Clone, Default)]
 struct Tokens {
@@ -279,8 +282,18 @@ impl Tokens {
                 _ => {}
             }
         }
-        if let Ok(v) = serde_json::from_str::<Value>(text) {
-            walk(&v, self);
+        match serde_json::from_str::<Value>(text) {
+            Ok(v) => walk(&v, self),
+            // A broken file may still hold tokens: every long run of token characters is
+            // taken for one.
+            Err(_) => {
+                let token_char = |c: char| c.is_ascii_alphanumeric() || "._~+/=-".contains(c);
+                for run in text.split(|c: char| !token_char(c)) {
+                    if run.len() >= MIN_TOKEN_RUN {
+                        self.add(run, "token");
+                    }
+                }
+            }
         }
     }
 
@@ -359,6 +372,17 @@ mod tests {
             placeholder("opaque-secret-value", "refresh-token-2"),
             "refresh-token-2"
         );
+    }
+
+    #[test]
+    fn a_broken_file_loses_its_long_runs() {
+        let mut tokens = Tokens::default();
+        let text =
+            "{\"accounts\": [{\"access_token\": \"eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.c2ln\", ";
+        tokens.collect_from(text);
+        let out = tokens.replace_in(text).unwrap();
+        assert!(!out.contains("eyJhbGciOiJSUzI1NiJ9"), "{out}");
+        assert!(out.contains("\"accounts\""), "{out}");
     }
 
     #[test]
