@@ -12,6 +12,8 @@
 //! - [`http`]: the axum router and its one error type.
 //! - [`fake_upstream`]: an in-repo stand-in for the OpenAI auth server and the ChatGPT
 //!   backend, used by tests, the demo and benchmarks.
+//! - [`replay`]: scenarios (files, clock, upstream answers, expected outcomes) and the
+//!   replay interpreter that runs them through the core and traces every step.
 //! - [`cmd`]: `status`, `check` and `import`, the operator's commands.
 //! - [`serve`]: `gibby serve`: binding and graceful shutdown.
 //! - [`demo`]: a ready demo: the fake upstream plus a generated pool.
@@ -23,5 +25,6 @@ pub mod fake_upstream;
 pub mod http;
 pub mod io;
 pub mod model;
+pub mod replay;
 pub mod serve;
 pub mod settings;

@@ -54,6 +54,16 @@ enum Command {
         /// The auth.json written by `codex login`.
         auth_json: PathBuf,
     },
+    /// Run a scenario file (files, clock, upstream answers, expected outcomes) through the
+    /// request logic and print the trace: each stage, effect, answer and file change.
+    ///
+    /// Touches no file and no network. Exit code 1 when the scenario does not replay as it
+    /// says (an unexpected call, an answer left over, another outcome). Scenarios come from
+    /// tests/scenarios/ or from `gibby serve` with GIBBY_RECORD_DIR set.
+    Replay {
+        /// The scenario file (JSON).
+        scenario: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -66,6 +76,9 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Command::Replay { scenario } = &cli.command {
+        return replay(scenario);
+    }
     let settings = match Settings::from_env() {
         Ok(settings) => settings,
         Err(e) => {
@@ -94,6 +107,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::Import { auth_json } => import(&settings, &auth_json).await,
+        Command::Replay { .. } => unreachable!("replayed above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,4 +130,27 @@ async fn import(settings: &Settings, path: &std::path::Path) -> Result<(), Strin
         settings.data_dir.join("accounts.json").display()
     );
     Ok(())
+}
+
+/// `gibby replay`: needs no settings, only the scenario.
+fn replay(path: &std::path::Path) -> ExitCode {
+    let scenario = fs_err::read_to_string(path)
+        .map_err(|e| e.to_string())
+        .and_then(|text| {
+            gibby::replay::Scenario::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        });
+    let scenario = match scenario {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gibby: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = gibby::replay::replay(&scenario);
+    print!("{}", report.trace);
+    if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

@@ -19,6 +19,7 @@ pub fn state(settings: &Settings) -> Result<AppState, String> {
             validations: Default::default(),
         }),
         api_key: settings.api_key.clone(),
+        record_dir: settings.record_dir.clone(),
     })
 }
 

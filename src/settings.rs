@@ -19,6 +19,8 @@ pub struct Settings {
     pub auth_base_url: String,
     pub codex_client_version: String,
     pub upstream_timeout: Duration,
+    /// When set, `serve` writes a replayable scenario of every `/token` request here.
+    pub record_dir: Option<PathBuf>,
 }
 
 /// The numbers the pure core decides with.
@@ -82,6 +84,16 @@ impl Settings {
             }
             other => other,
         };
+        let record_dir = match lookup("GIBBY_RECORD_DIR") {
+            Some(dir) if dir.trim().is_empty() => {
+                return Err(Var {
+                    variable: "GIBBY_RECORD_DIR",
+                    value: dir,
+                }
+                .error("is set but empty; unset it to record nothing"))
+            }
+            other => other.map(PathBuf::from),
+        };
         let data_dir = get("GIBBY_DATA_DIR", "./data").value;
         if data_dir.is_empty() {
             return Err(get("GIBBY_DATA_DIR", "").error("must not be empty"));
@@ -107,6 +119,7 @@ impl Settings {
             auth_base_url: get("GIBBY_AUTH_BASE_URL", "https://auth.openai.com").base_url()?,
             codex_client_version: version.value,
             upstream_timeout: Duration::from_secs_f64(timeout),
+            record_dir,
         })
     }
 }
@@ -175,6 +188,9 @@ mod tests {
         assert_eq!(s.chatgpt_base_url, "https://chatgpt.com");
         assert_eq!(s.auth_base_url, "https://auth.openai.com");
         assert_eq!(s.upstream_timeout, Duration::from_secs(10));
+        assert_eq!(s.record_dir, None);
+        let s = with(&[("GIBBY_RECORD_DIR", "/var/lib/gibby/record")]).unwrap();
+        assert_eq!(s.record_dir, Some(PathBuf::from("/var/lib/gibby/record")));
     }
 
     #[test]
@@ -193,6 +209,8 @@ mod tests {
             ("GIBBY_UPSTREAM_TIMEOUT_SECONDS", "0"),
             ("GIBBY_UPSTREAM_TIMEOUT_SECONDS", "ten"),
             ("GIBBY_DATA_DIR", ""),
+            ("GIBBY_RECORD_DIR", ""),
+            ("GIBBY_RECORD_DIR", "  "),
         ];
         for (variable, value) in cases {
             let err = with(&[(variable, value)]).unwrap_err();

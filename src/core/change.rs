@@ -75,6 +75,24 @@ impl Change {
     }
 }
 
+impl Change {
+    /// This request's own refresh replaced `email`'s access token `old` with `new`: usage
+    /// fetched with the old token still describes the account, so it follows the new one.
+    /// (Another writer's rotation is different: it goes through no request of ours.)
+    pub fn follow_refresh(&mut self, email: &str, old: &Secret, new: &Secret) {
+        if let Change::SetUsage {
+            email: e,
+            access_token,
+            ..
+        } = self
+        {
+            if e == email && access_token == old {
+                *access_token = new.clone();
+            }
+        }
+    }
+}
+
 /// Takes `account` out of accounts.json, clearing `active_account` if it named it.
 pub fn remove(file: &mut AccountsFile, account: &Account) {
     file.accounts.retain(|a| a != account);

@@ -27,4 +27,6 @@ pub use request::{Outcome, PassOver, TokenRequest};
 pub use stage::{Reason, TokenAnswer};
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;

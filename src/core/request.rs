@@ -94,6 +94,18 @@ enum Job {
     Persist(Outcome),
 }
 
+impl Job {
+    fn describe(&self) -> String {
+        match self {
+            Job::FinishMoves => "finish interrupted moves".into(),
+            Job::Refresh(due, _) => format!("refresh {}", due.email()),
+            Job::StoreTokens(fresh, ..) => format!("store the new tokens of {}", fresh.email()),
+            Job::Move(failed, _) => format!("move {} to failed.json", failed.email()),
+            Job::Persist(_) => "persist usage and the active account".into(),
+        }
+    }
+}
+
 /// What the request does once the lock is released.
 #[derive(Debug)]
 enum Next {
@@ -175,6 +187,41 @@ impl TokenRequest {
 
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// Where the request stands, in words, for traces (`gibby replay`). Names accounts,
+    /// never tokens.
+    pub fn stage(&self) -> String {
+        match &self.state {
+            State::Reading => "reading the files".into(),
+            State::CheckingUsage => {
+                let waiting: Vec<&str> = self.pending_usage.keys().map(String::as_str).collect();
+                format!("checking usage (waiting for {})", waiting.join(", "))
+            }
+            State::Locked { step, .. } => {
+                let (job, doing) = match step {
+                    Step::Locking(job) => (job, "taking the lock"),
+                    Step::Reading(job) => (job, "reading under the lock"),
+                    Step::Refreshing(due, _) => {
+                        return format!("locked: refreshing the token of {}", due.email())
+                    }
+                    Step::Writing(job, _) => (job, "writing"),
+                };
+                format!("locked to {}: {doing}", job.describe())
+            }
+            State::Unlocking(next) => match next {
+                Next::Select => "unlocking, then selecting again".into(),
+                Next::Token(fresh, Then::Validate) => {
+                    format!("unlocking, then validating {}", fresh.email())
+                }
+                Next::Token(fresh, Then::RetryUsage) => {
+                    format!("unlocking, then asking usage of {} again", fresh.email())
+                }
+                Next::Finish(_) => "unlocking, then answering".into(),
+            },
+            State::Validating(fresh) => format!("validating {}", fresh.email()),
+            State::Done => "done".into(),
+        }
     }
 
     /// Feeds the result of an effect. An event that does not fit the current state (a
@@ -659,7 +706,19 @@ impl TokenRequest {
                 }
             }
             Job::StoreTokens(_, change, _) => {
-                if !change.apply(&mut accounts) {
+                let email = change_email(change);
+                let replaced = accounts.find(email).map(|a| a.access_token.clone());
+                if change.apply(&mut accounts) {
+                    let (Some(old), Some(new)) = (
+                        replaced,
+                        accounts.find(email).map(|a| a.access_token.clone()),
+                    ) else {
+                        unreachable!("the tokens were just stored for this account")
+                    };
+                    for pending in &mut self.changes {
+                        pending.follow_refresh(email, &old, &new);
+                    }
+                } else {
                     self.warnings.push(format!(
                         "{}: the refreshed tokens were not stored: the account changed meanwhile",
                         change_email(change)

@@ -105,11 +105,13 @@ impl Loaded {
                 account: self.account,
                 usage,
                 source: UsageSource::Stored,
+                refresh_failed: None,
             })
         } else {
             Err(UsageDue {
                 account: self.account,
                 refresh_tried: false,
+                refresh_failed: None,
             })
         }
     }
@@ -134,6 +136,9 @@ pub struct UsageDue {
     account: Account,
     /// This is the retry after a refresh (or a refresh attempt) for this request.
     refresh_tried: bool,
+    /// That refresh failed transiently: the refresh token is not sent again in this
+    /// request (it may have been spent upstream; a second use would read as reuse).
+    refresh_failed: Option<String>,
 }
 
 /// What a usage answer turned an account into.
@@ -184,6 +189,7 @@ impl UsageDue {
                             account: self.account,
                             usage: Some(usage),
                             source: UsageSource::Fetched,
+                            refresh_failed: self.refresh_failed,
                         },
                         Some(change),
                     );
@@ -219,6 +225,7 @@ impl UsageDue {
                 account: self.account,
                 usage,
                 source,
+                refresh_failed: self.refresh_failed,
             },
             None,
         )
@@ -237,6 +244,8 @@ pub struct UsageChecked {
     account: Account,
     usage: Option<Usage>,
     source: UsageSource,
+    /// A refresh of this token failed transiently earlier in this request.
+    refresh_failed: Option<String>,
 }
 
 impl UsageChecked {
@@ -293,6 +302,7 @@ impl UsageChecked {
     pub(super) fn select(self) -> Selected {
         Selected {
             account: self.account,
+            refresh_failed: self.refresh_failed,
         }
     }
 }
@@ -301,6 +311,7 @@ impl UsageChecked {
 #[derive(Debug)]
 pub struct Selected {
     account: Account,
+    refresh_failed: Option<String>,
 }
 
 impl Selected {
@@ -309,11 +320,18 @@ impl Selected {
     }
 
     /// A token not yet due is used as it is, and so is one that cannot be refreshed
-    /// (empty refresh token) until it is rejected.
+    /// (empty refresh token) until it is rejected, and one whose refresh already failed
+    /// transiently in this request (as after a refresh that fails now).
     #[allow(clippy::result_large_err)] // both sides own the account; boxing buys nothing
     pub fn check_token(self, now: i64) -> Result<TokenFresh, RefreshDue> {
         if self.account.refresh_token.is_empty() {
             return Ok(TokenFresh::new(self.account, TokenOrigin::NotRefreshable));
+        }
+        if let Some(why) = self.refresh_failed {
+            return Ok(TokenFresh::new(
+                self.account,
+                TokenOrigin::RefreshFailed(why),
+            ));
         }
         if token_due(&self.account, now) {
             Err(RefreshDue {
@@ -440,6 +458,10 @@ impl TokenFresh {
         UsageDue {
             account: self.account,
             refresh_tried: true,
+            refresh_failed: match self.origin {
+                TokenOrigin::RefreshFailed(why) => Some(why),
+                _ => None,
+            },
         }
     }
 

@@ -632,3 +632,82 @@ fn refresh_token_reused_after_another_writer_rotated_uses_their_tokens() {
         ]
     );
 }
+
+#[test]
+fn a_refresh_that_failed_transiently_is_not_sent_again_in_the_same_request() {
+    // Stale usage stored, token due: usage rejects the token, the refresh fails
+    // transiently, the retry is rejected too; the stored usage still qualifies it.
+    let mut a = account("a", 10);
+    a.usage_checked_at = Some(NOW - 4000);
+    a.token_refresh_at = Some(NOW - 1);
+    let file = pool(Some("a"), vec![a]);
+    let mut world = World::new(&file);
+    let mut refreshes = 0;
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { .. } => status(401, "{}"),
+        Effect::RefreshToken { .. } => {
+            refreshes += 1;
+            // A second use of a refresh token is refused as reuse: a verdict.
+            if refreshes == 1 {
+                status(502, "bad gateway")
+            } else {
+                status(401, r#"{"error": {"code": "refresh_token_reused"}}"#)
+            }
+        }
+        Effect::Validate { access_token, .. } => {
+            assert_eq!(access_token.expose(), "at-a");
+            models()
+        }
+        _ => unreachable!(),
+    });
+    assert_eq!(served(&outcome), "a");
+    assert_eq!(refreshes, 1, "the refresh token went upstream once");
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "usage a",
+            "lock",
+            "read",
+            "refresh a",
+            "unlock",
+            "usage a",
+            "validate a"
+        ]
+    );
+    assert_eq!(world.accounts(), file);
+    assert_eq!(world.failed, FileRead::Missing);
+}
+
+#[test]
+fn usage_fetched_before_our_own_refresh_is_still_persisted() {
+    let mut a = account("a", 10);
+    a.usage_checked_at = Some(NOW - 4000);
+    a.token_refresh_at = Some(NOW - 1);
+    let mut world = World::new(&pool(Some("a"), vec![a]));
+    let usage = r#"{"rate_limit": {"primary_window": {"used_percent": 42, "limit_window_seconds": 18000, "reset_after_seconds": 100}}}"#;
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { .. } => ok(usage),
+        Effect::RefreshToken { .. } => ok(REFRESHED),
+        _ => models(),
+    });
+    assert_eq!(served(&outcome), "a");
+    let stored = &world.accounts().accounts[0];
+    assert_eq!(stored.access_token.expose(), "new-at");
+    assert_eq!(
+        stored.usage_checked_at,
+        Some(NOW),
+        "the usage was written too"
+    );
+    assert_eq!(
+        stored
+            .usage
+            .as_ref()
+            .unwrap()
+            .primary
+            .as_ref()
+            .unwrap()
+            .used_percent,
+        42.into()
+    );
+}

@@ -18,6 +18,8 @@ pub struct AppState {
     pub live: Arc<Live>,
     /// When set, `/token` requires `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// When set, every `/token` request is recorded here as a replayable scenario.
+    pub record_dir: Option<std::path::PathBuf>,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -48,7 +50,10 @@ async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Resp
             return Err(AppError::Unauthorized);
         }
     }
-    let finished = state.live.token().await?;
+    let finished = match &state.record_dir {
+        Some(dir) => crate::io::record::token(&state.live, dir).await?,
+        None => state.live.token().await?,
+    };
     for warning in &finished.warnings {
         tracing::warn!("{warning}");
     }

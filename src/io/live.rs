@@ -117,25 +117,37 @@ impl Live {
             .await
     }
 
-    pub async fn run(&self, mut request: TokenRequest) -> Result<Finished, LiveError> {
+    pub async fn run(&self, request: TokenRequest) -> Result<Finished, LiveError> {
+        self.run_observed(request, &mut |_, _, _| {}).await
+    }
+
+    /// [`run`](Self::run), showing `observe` every effect with its number (from 1, in the
+    /// order the core asked for them) and the event that answered it. Recording uses this.
+    pub async fn run_observed(
+        &self,
+        mut request: TokenRequest,
+        observe: &mut (dyn FnMut(usize, &Effect, &Event) + Send),
+    ) -> Result<Finished, LiveError> {
         let mut lock: Option<LockGuard> = None;
         let (mut upstream_calls, mut writes) = (0, 0);
+        let mut step = 0;
         loop {
             let mut calls = Vec::new();
             while let Some(effect) = request.poll_effect() {
                 tracing::debug!(?effect, "effect");
-                match effect {
-                    Effect::ReadFiles => request.handle(Event::FilesRead {
+                step += 1;
+                let event = match &effect {
+                    Effect::ReadFiles => Event::FilesRead {
                         accounts: self.store.read(StateFile::Accounts),
                         failed: self.store.read(StateFile::Failed),
-                    }),
+                    },
                     Effect::Lock => {
                         lock = Some(self.store.lock().await.map_err(LiveError::Lock)?);
-                        request.handle(Event::Locked);
+                        Event::Locked
                     }
                     Effect::Unlock => {
                         lock = None;
-                        request.handle(Event::Unlocked);
+                        Event::Unlocked
                     }
                     Effect::Write {
                         file,
@@ -143,19 +155,29 @@ impl Live {
                         expected,
                     } => {
                         debug_assert!(lock.is_some(), "writes happen under the lock");
-                        let result = self.store.write(file, &content.0, &expected);
+                        let result = self.store.write(*file, &content.0, expected);
                         writes += usize::from(result == WriteResult::Done);
-                        request.handle(Event::Written { file, result });
+                        Event::Written {
+                            file: *file,
+                            result,
+                        }
                     }
-                    call => calls.push(call),
-                }
+                    _ => {
+                        calls.push((step, effect));
+                        continue;
+                    }
+                };
+                observe(step, &effect, &event);
+                request.handle(event);
             }
             if calls.is_empty() {
                 break;
             }
-            for (event, sent) in join_all(calls.into_iter().map(|c| self.call(c))).await {
+            let events = join_all(calls.iter().map(|(_, c)| self.call(c.clone()))).await;
+            for ((step, effect), (event, sent)) in calls.iter().zip(events) {
                 tracing::trace!(?event, "event");
                 upstream_calls += usize::from(sent);
+                observe(*step, effect, &event);
                 request.handle(event);
             }
         }

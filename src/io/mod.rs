@@ -2,6 +2,7 @@
 #![allow(clippy::disallowed_methods)] // the one place that performs effects
 
 pub mod live;
+pub mod record;
 pub mod store;
 pub mod upstream;
 

@@ -59,6 +59,7 @@ impl Harness {
                 validations: Default::default(),
             }),
             api_key: settings.api_key.clone(),
+            record_dir: settings.record_dir.clone(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
