@@ -51,6 +51,10 @@ struct View {
 }
 
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per request, moved a handful of times: boxing buys nothing"
+)]
 enum State {
     Reading,
     /// Waiting for the usage answers in `TokenRequest::pending_usage`.

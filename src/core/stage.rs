@@ -138,6 +138,10 @@ pub struct UsageDue {
 
 /// What a usage answer turned an account into.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per usage answer, consumed at once: boxing buys nothing"
+)]
 pub enum UsageAnswer {
     /// With the change that persists the usage, when it was fetched.
     Checked(UsageChecked, Option<Change>),
