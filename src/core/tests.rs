@@ -536,6 +536,42 @@ fn usage_401_after_a_failed_refresh_keeps_the_account() {
     );
 }
 
+/// With usage stored, the account is still selected after its refresh failed transiently:
+/// the old token is validated without a second refresh call in the same request, and a
+/// rejection of it is no verdict.
+#[test]
+fn a_refresh_that_failed_transiently_is_not_tried_again_in_the_same_request() {
+    let mut file = due_and_unchecked();
+    let stored = account("a", 0);
+    file.accounts[0].usage = stored.usage;
+    file.accounts[0].usage_checked_at = Some(NOW - 7200);
+    let mut world = World::new(&file);
+    let outcome = world.run(&mut |e| match e {
+        Effect::FetchUsage { .. } => status(401, "{}"),
+        Effect::RefreshToken { .. } => status(502, "bad gateway"),
+        _ => status(401, "{}"),
+    });
+    assert!(
+        matches!(outcome, Outcome::NoUsableAccount { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "usage a",
+            "lock",
+            "read",
+            "refresh a",
+            "unlock",
+            "usage a",
+            "validate a"
+        ]
+    );
+    assert_eq!(world.accounts(), file);
+    assert_eq!(world.failed, FileRead::Missing);
+}
+
 /// Drives a request by hand up to its refresh call, then lets `during_call` change the world.
 fn refresh_rejected_with(during_call: impl FnOnce(&mut World)) -> (World, Outcome) {
     let mut a = account("a", 10);

@@ -97,11 +97,20 @@ pub fn read(path: &Path) -> FileRead {
     match fs_err::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(text) => FileRead::Text(text),
-            Err(e) => FileRead::Unreadable(format!("not UTF-8: {e}")),
+            Err(e) => FileRead::Unreadable(not_utf8(e.as_bytes(), e.utf8_error().valid_up_to())),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileRead::Missing,
         Err(e) => FileRead::Unreadable(e.to_string()),
     }
+}
+
+/// Where the first byte that is not UTF-8 stands, as line and column (1-based, in
+/// characters, like serde's positions) and as a byte offset.
+fn not_utf8(bytes: &[u8], valid_up_to: usize) -> String {
+    let valid = String::from_utf8_lossy(&bytes[..valid_up_to]);
+    let line = valid.matches('\n').count() + 1;
+    let column = valid.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("not UTF-8 at line {line} column {column} (byte {valid_up_to})")
 }
 
 /// Writes a temporary file beside `path` (created 0600), fsyncs it, renames it over
@@ -160,6 +169,17 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("accounts.json")]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_unreadable_with_its_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.json");
+        std::fs::write(&path, b"{\n  \"\xc3\xa9\xff\"").unwrap();
+        assert_eq!(
+            read(&path),
+            FileRead::Unreadable("not UTF-8 at line 2 column 5 (byte 7)".into())
+        );
     }
 
     #[test]
