@@ -31,7 +31,11 @@ fn pools() -> Vec<usize> {
     match std::env::var("GIBBY_BENCH_POOLS") {
         Ok(list) => list
             .split(',')
-            .map(|n| n.trim().parse().expect("GIBBY_BENCH_POOLS: sizes separated by commas"))
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("GIBBY_BENCH_POOLS: sizes separated by commas")
+            })
             .collect(),
         Err(_) => POOLS.to_vec(),
     }

@@ -6,10 +6,10 @@ use super::change::{self, Change};
 use super::effect::{Effect, Event, FileRead, FileText, StateFile, WriteResult};
 use super::select;
 use super::stage::{
-    Failed, Loaded, Reason, RefreshAnswer, RefreshDue, TokenAnswer, TokenFresh, TokenOrigin,
-    UsageAnswer, UsageChecked, UsageDue, ValidationAnswer,
+    Failed, Loaded, Reason, RefreshAnswer, RefreshDue, TokenAnswer, TokenFresh, UsageAnswer,
+    UsageChecked, UsageDue, ValidationAnswer,
 };
-use crate::model::{Account, AccountsFile, FailedFile, FileError, Secret, ACCOUNTS_FILE};
+use crate::model::{Account, AccountsFile, FailedFile, FileError, ACCOUNTS_FILE};
 use crate::settings::Policy;
 
 /// How often a locked write is redone because a hand edit landed under it.
@@ -147,9 +147,6 @@ pub struct TokenRequest {
     failures: Vec<Failed>,
     /// Accounts whose due token usage rejected: refreshed, then asked again.
     refresh_first: Vec<RefreshDue>,
-    /// Refreshes that failed transiently in this request (email → the refresh token tried,
-    /// and why): one attempt per account and request, as for usage.
-    refresh_failed: BTreeMap<String, (Secret, String)>,
     /// Things the operator should hear about that did not change the answer.
     warnings: Vec<String>,
 }
@@ -170,7 +167,6 @@ impl TokenRequest {
             changes: Vec::new(),
             failures: Vec::new(),
             refresh_first: Vec::new(),
-            refresh_failed: BTreeMap::new(),
             warnings: Vec::new(),
         }
     }
@@ -501,13 +497,7 @@ impl TokenRequest {
         let checked = self.checked.remove(email).expect("chosen from the checked");
         match checked.select().check_token(self.now) {
             Ok(fresh) => self.validate(fresh),
-            Err(due) => match self.refresh_failed.get(due.email()) {
-                Some((tried, why)) if tried == due.refresh_token() => {
-                    let fresh = due.failed_before(why.clone());
-                    self.validate(fresh)
-                }
-                _ => self.lock(Job::Refresh(due, Then::Validate)),
-            },
+            Err(due) => self.lock(Job::Refresh(due, Then::Validate)),
         }
     }
 
@@ -606,13 +596,7 @@ impl TokenRequest {
                     RefreshAnswer::Failed(failed) => {
                         self.read_locked(Job::Move(failed, Some(then)), conflicts)
                     }
-                    RefreshAnswer::Kept(fresh) => {
-                        if let TokenOrigin::RefreshFailed(why) = fresh.origin() {
-                            self.refresh_failed
-                                .insert(email, (refresh_token, why.clone()));
-                        }
-                        self.unlock(Next::Token(fresh, then))
-                    }
+                    RefreshAnswer::Kept(fresh) => self.unlock(Next::Token(fresh, then)),
                 }
             }
             (Step::Writing(job, mut writes), Event::Written { file, result }) => match result {

@@ -379,12 +379,6 @@ impl RefreshDue {
         TokenFresh::new(stored, TokenOrigin::RotatedElsewhere)
     }
 
-    /// The refresh of this very token already failed transiently in this request: it is not
-    /// asked again, and the old token is tried as it is (a rejection is then no verdict).
-    pub fn failed_before(self, why: String) -> TokenFresh {
-        TokenFresh::new(self.account, TokenOrigin::RefreshFailed(why))
-    }
-
     pub fn answered(self, reply: &Reply, now: i64) -> RefreshAnswer {
         let why = match classify(Call::Refresh, reply) {
             Verdict::Success(body) => match wire::tokens_from_body(body, now) {
