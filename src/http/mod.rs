@@ -48,7 +48,16 @@ async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Resp
             return Err(AppError::Unauthorized);
         }
     }
-    let finished = state.live.token().await?;
+    // The request runs to its end in a task of its own, even when the client hangs up and
+    // this handler is dropped: a refresh call in flight has already spent the old refresh
+    // token upstream, and only the rest of the request stores the new one.
+    let live = state.live.clone();
+    let finished = match tokio::spawn(async move { live.token().await }).await {
+        Ok(finished) => finished?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: only when the runtime itself shuts down.
+        Err(_) => return Err(AppError::Internal(LiveError::NoOutcome)),
+    };
     for warning in &finished.warnings {
         tracing::warn!("{warning}");
     }

@@ -1,0 +1,185 @@
+//! Many requests, several writers: nothing lost, no token burned (SPEC.md section 7).
+//!
+//! Every test here runs the real `gibby serve` binary against the in-process fake upstream
+//! on its real clock. Concurrent callers are lined up with the fake's gates and call
+//! signals, never with sleeps, so each verdict is the same on every run.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use gibby::fake_upstream::{AccountSpec, Endpoint, FakeUpstream, IssuedTokens};
+use gibby::model::{Account, AccountsFile, Secret, Usage, Window};
+use support::{client, now, read_accounts, token, write_file, Gibby, Served};
+
+/// Long enough for any signal the fake can give on a loaded 2-core machine.
+const SIGNAL: Duration = Duration::from_secs(30);
+
+/// The account as accounts.json holds it after a login: tokens from the fake.
+fn stored(email: &str, issued: &IssuedTokens) -> Account {
+    Account {
+        email: email.to_owned(),
+        access_token: Secret::new(&issued.access_token),
+        refresh_token: Secret::new(&issued.refresh_token),
+        token_refresh_at: Some(issued.expires_at - 86_400),
+        usage: None,
+        usage_checked_at: None,
+        disabled: false,
+    }
+}
+
+/// Usage checked just now, both windows far from their reset.
+fn fresh_usage(primary: i64) -> (Option<Usage>, Option<i64>) {
+    let window = |pct: i64, reset_at| {
+        Some(Window {
+            used_percent: pct.into(),
+            reset_at,
+        })
+    };
+    let now = now();
+    (
+        Some(Usage {
+            primary: window(primary, now + 10_000),
+            secondary: window(20, now + 500_000),
+        }),
+        Some(now),
+    )
+}
+
+fn write_pool(dir: &std::path::Path, active: Option<&str>, accounts: Vec<Account>) {
+    let file = AccountsFile {
+        active_account: active.map(str::to_owned),
+        accounts,
+    };
+    write_file(dir, "accounts.json", &file.to_text());
+}
+
+async fn fire(client: &reqwest::Client, url: &str, n: usize) -> Vec<Served> {
+    let requests = (0..n).map(|_| {
+        let (client, url) = (client.clone(), url.to_owned());
+        tokio::spawn(async move { token(&client, &url).await })
+    });
+    join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.expect("request task"))
+        .collect()
+}
+
+/// 200 requests arrive while the active account's token is due. All of them get past their
+/// first read with the old token (their usage calls are held until all 200 have asked),
+/// so all 200 need the refresh at once: exactly one refresh call is made, the other 199
+/// wait for the lock, re-read and adopt the rotated tokens, and the fake never sees a
+/// refresh token twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_requests_while_the_token_is_due_share_one_refresh() {
+    const A: &str = "a@example.com";
+    const N: usize = 200;
+    let fake = FakeUpstream::new();
+    let upstream = fake.start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let issued = fake.add_account(AccountSpec::new(A));
+    let due = Account {
+        token_refresh_at: Some(now() - 60),
+        ..stored(A, &issued)
+    };
+    write_pool(dir.path(), Some(A), vec![due]);
+    let gibby = Gibby::start(dir.path(), &upstream.base_url, &[]);
+    let client = client();
+
+    let usage = fake.hold(Endpoint::Usage);
+    let (url, c) = (gibby.url.clone(), client.clone());
+    let load = tokio::spawn(async move { fire(&c, &url, N).await });
+    assert!(
+        fake.wait_for_calls(Endpoint::Usage, N, SIGNAL).await,
+        "not every request asked for usage: {} of {N}\n{}",
+        fake.count(Endpoint::Usage),
+        gibby.log()
+    );
+    assert_eq!(
+        fake.count(Endpoint::Refresh),
+        0,
+        "no refresh before the gate"
+    );
+    usage.open();
+    let served = load.await.unwrap();
+
+    let after = read_accounts(dir.path());
+    let stored = after.find(A).expect("the account stays");
+    assert_ne!(
+        stored.refresh_token.expose(),
+        issued.refresh_token,
+        "the rotated refresh token is stored"
+    );
+    let not_ok: Vec<&Served> = served.iter().filter(|s| s.status != 200).collect();
+    assert!(not_ok.is_empty(), "{not_ok:?}\n{}", gibby.log());
+    let with_new_token = served
+        .iter()
+        .filter(|s| s.access_token.as_deref() == Some(stored.access_token.expose()))
+        .count();
+    assert_eq!(
+        with_new_token, N,
+        "every answer carries the new access token"
+    );
+    assert_eq!(fake.count(Endpoint::Refresh), 1, "exactly one refresh call");
+    assert_eq!(fake.reused_refresh_tokens(), 0, "no refresh token reused");
+    let old_token_validated = fake
+        .calls()
+        .iter()
+        .filter(|c| c.endpoint == Endpoint::Models)
+        .filter(|c| c.bearer.as_deref() != Some(stored.access_token.expose()))
+        .count();
+    assert_eq!(old_token_validated, 0, "only the new token is validated");
+    assert_eq!(fake.count(Endpoint::Models), N);
+}
+
+/// A client that hangs up while its request holds the lock across a refresh call must not
+/// take the rotated tokens with it: the upstream has already spent the old refresh token,
+/// so gibby finishes the request (stores the new tokens) even with nobody left to answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_during_the_refresh_burns_no_token() {
+    const A: &str = "a@example.com";
+    let fake = FakeUpstream::new();
+    let upstream = fake.start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let issued = fake.add_account(AccountSpec::new(A));
+    let (usage, usage_checked_at) = fresh_usage(10);
+    let due = Account {
+        token_refresh_at: Some(now() - 60),
+        usage,
+        usage_checked_at,
+        ..stored(A, &issued)
+    };
+    write_pool(dir.path(), Some(A), vec![due]);
+    let gibby = Gibby::start(dir.path(), &upstream.base_url, &[]);
+    let client = client();
+
+    let refresh = fake.hold(Endpoint::Refresh);
+    let (url, c) = (gibby.url.clone(), client.clone());
+    let request = tokio::spawn(async move { token(&c, &url).await });
+    assert!(fake.wait_for_calls(Endpoint::Refresh, 1, SIGNAL).await);
+    // The fake has rotated the token; its answer is held. The client gives up.
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    refresh.open();
+    // gibby stores the new tokens and then validates them: the validation call is the signal.
+    assert!(
+        fake.wait_for_calls(Endpoint::Models, 1, SIGNAL).await,
+        "the request was dropped with its client; the rotated tokens were never stored\n{}",
+        gibby.log()
+    );
+
+    let next = token(&client, &gibby.url).await;
+    assert_eq!(next.status, 200, "{}", gibby.log());
+    let stored = read_accounts(dir.path());
+    let stored = stored.find(A).expect("the account stays");
+    assert_ne!(stored.refresh_token.expose(), issued.refresh_token);
+    assert_eq!(
+        next.access_token.as_deref(),
+        Some(stored.access_token.expose())
+    );
+    assert_eq!(fake.count(Endpoint::Refresh), 1);
+    assert_eq!(fake.reused_refresh_tokens(), 0);
+}
