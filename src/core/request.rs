@@ -614,7 +614,13 @@ impl TokenRequest {
         match &job {
             Job::Refresh(due, then) => {
                 let then = *then;
-                let next = match view.accounts.find(due.email()).cloned() {
+                // Disabled by hand since our read: neither refreshed nor served.
+                let next = match view
+                    .accounts
+                    .find(due.email())
+                    .filter(|a| !a.disabled)
+                    .cloned()
+                {
                     Some(stored) if stored.refresh_token == *due.refresh_token() => {
                         self.effects.push_back(due.effect());
                         let Job::Refresh(due, _) = job else {
@@ -626,7 +632,7 @@ impl TokenRequest {
                         };
                         return;
                     }
-                    Some(stored) if !stored.disabled => {
+                    Some(stored) => {
                         let Job::Refresh(due, _) = job else {
                             unreachable!()
                         };
