@@ -183,3 +183,177 @@ async fn a_client_that_hangs_up_during_the_refresh_burns_no_token() {
     assert_eq!(fake.count(Endpoint::Refresh), 1);
     assert_eq!(fake.reused_refresh_tokens(), 0);
 }
+
+/// What an editor (which does not take the lock) does to accounts.json while gibby holds
+/// the lock across a refresh of account A.
+#[derive(Clone, Copy, Debug)]
+enum Edit {
+    /// Another account's usage changes.
+    UsageOfAnother,
+    /// A is disabled.
+    Disable,
+    /// A is logged in again: new tokens, which gibby's refresh did not produce.
+    NewLogin,
+    /// A is removed.
+    Remove,
+}
+
+/// gibby's write of the refreshed tokens compares the file with what it read under the
+/// lock, finds the edit, re-reads and redoes its change on the newer content: the edit
+/// stays, and the rotated tokens are stored wherever they still apply (so none is burned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edit_that_lands_during_a_refresh_is_kept() {
+    const A: &str = "a@example.com";
+    const B: &str = "b@example.com";
+    for edit in [
+        Edit::UsageOfAnother,
+        Edit::Disable,
+        Edit::NewLogin,
+        Edit::Remove,
+    ] {
+        let fake = FakeUpstream::new();
+        let upstream = fake.start(0).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let issued_a = fake.add_account(AccountSpec::new(A));
+        let issued_b = fake.add_account(AccountSpec::new(B));
+        let (usage, usage_checked_at) = fresh_usage(10);
+        let a = Account {
+            token_refresh_at: Some(now() - 60),
+            usage: usage.clone(),
+            usage_checked_at,
+            ..stored(A, &issued_a)
+        };
+        let b = Account {
+            usage,
+            usage_checked_at,
+            ..stored(B, &issued_b)
+        };
+        write_pool(dir.path(), Some(A), vec![a, b]);
+        let gibby = Gibby::start(dir.path(), &upstream.base_url, &[]);
+        let client = client();
+
+        let refresh = fake.hold(Endpoint::Refresh);
+        let (url, c) = (gibby.url.clone(), client.clone());
+        let request = tokio::spawn(async move { token(&c, &url).await });
+        assert!(fake.wait_for_calls(Endpoint::Refresh, 1, SIGNAL).await);
+
+        // The editor: read, change, replace; no lock.
+        let mut edited = read_accounts(dir.path());
+        let mut login = None;
+        match edit {
+            Edit::UsageOfAnother => {
+                let (usage, checked) = fresh_usage(42);
+                let b = edited.find_mut(B).unwrap();
+                b.usage = usage;
+                b.usage_checked_at = checked;
+            }
+            Edit::Disable => edited.find_mut(A).unwrap().disabled = true,
+            Edit::NewLogin => {
+                let tokens = fake.login(A);
+                let a = edited.find_mut(A).unwrap();
+                a.access_token = Secret::new(&tokens.access_token);
+                a.refresh_token = Secret::new(&tokens.refresh_token);
+                login = Some(tokens);
+            }
+            Edit::Remove => edited.accounts.retain(|a| a.email != A),
+        }
+        write_file(dir.path(), "accounts.json", &edited.to_text());
+        refresh.open();
+        let served = request.await.unwrap();
+        assert_eq!(served.status, 200, "{edit:?}\n{}", gibby.log());
+
+        let after = read_accounts(dir.path());
+        let spent = support::spent_refresh_tokens(&fake.calls());
+        assert_eq!(spent.len(), 1, "{edit:?}: one refresh");
+        match edit {
+            Edit::UsageOfAnother | Edit::Disable => {
+                let a = after.find(A).unwrap();
+                assert!(
+                    a.refresh_token.expose() != issued_a.refresh_token
+                        && !spent.contains(&a.refresh_token.expose().to_owned()),
+                    "{edit:?}: the rotated tokens are stored"
+                );
+                assert_eq!(
+                    served.access_token.as_deref(),
+                    Some(a.access_token.expose())
+                );
+                let mut expected = edited.clone();
+                let e = expected.find_mut(A).unwrap();
+                e.access_token = a.access_token.clone();
+                e.refresh_token = a.refresh_token.clone();
+                e.token_refresh_at = a.token_refresh_at;
+                assert_eq!(
+                    after, expected,
+                    "{edit:?}: the edit is kept, only tokens added"
+                );
+            }
+            Edit::NewLogin => {
+                let login = login.unwrap();
+                let a = after.find(A).unwrap();
+                assert_eq!(
+                    (a.access_token.expose(), a.refresh_token.expose()),
+                    (login.access_token.as_str(), login.refresh_token.as_str()),
+                    "the editor's tokens stay"
+                );
+                assert_eq!(after, edited);
+            }
+            Edit::Remove => assert_eq!(after, edited, "the removal stays"),
+        }
+        assert_eq!(fake.reused_refresh_tokens(), 0, "{edit:?}");
+        assert!(support::stray_files(dir.path()).is_empty(), "{edit:?}");
+    }
+}
+
+/// An account disabled by hand after a request read it, but before the request took the
+/// lock to refresh its due token, is neither refreshed nor served: the request re-reads
+/// under the lock, passes over it and serves another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_disabled_while_a_request_is_underway_is_not_refreshed() {
+    const A: &str = "a@example.com";
+    const B: &str = "b@example.com";
+    let fake = FakeUpstream::new();
+    let upstream = fake.start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let issued_a = fake.add_account(AccountSpec::new(A));
+    let issued_b = fake.add_account(AccountSpec::new(B));
+    let a = Account {
+        token_refresh_at: Some(now() - 60),
+        ..stored(A, &issued_a)
+    };
+    let (usage, usage_checked_at) = fresh_usage(10);
+    let b = Account {
+        usage,
+        usage_checked_at,
+        ..stored(B, &issued_b)
+    };
+    write_pool(dir.path(), Some(A), vec![a, b]);
+    let gibby = Gibby::start(dir.path(), &upstream.base_url, &[]);
+    let client = client();
+
+    // A's usage is stale: the request asks for it first, and that answer is held.
+    let usage = fake.hold(Endpoint::Usage);
+    let (url, c) = (gibby.url.clone(), client.clone());
+    let request = tokio::spawn(async move { token(&c, &url).await });
+    assert!(fake.wait_for_calls(Endpoint::Usage, 1, SIGNAL).await);
+    let mut edited = read_accounts(dir.path());
+    edited.find_mut(A).unwrap().disabled = true;
+    write_file(dir.path(), "accounts.json", &edited.to_text());
+    usage.open();
+    let served = request.await.unwrap();
+
+    assert_eq!(
+        (served.status, served.email.as_deref()),
+        (200, Some(B)),
+        "{}",
+        gibby.log()
+    );
+    assert_eq!(
+        fake.count(Endpoint::Refresh),
+        0,
+        "no refresh for a disabled account"
+    );
+    let after = read_accounts(dir.path());
+    let a = after.find(A).unwrap();
+    assert!(a.disabled);
+    assert_eq!(a.refresh_token.expose(), issued_a.refresh_token);
+}
