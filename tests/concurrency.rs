@@ -357,3 +357,95 @@ async fn an_account_disabled_while_a_request_is_underway_is_not_refreshed() {
     assert!(a.disabled);
     assert_eq!(a.refresh_token.expose(), issued_a.refresh_token);
 }
+
+/// Two gibby processes on one data directory, 40 concurrent requests each. Half the
+/// accounts hold an expired access token that is due for refresh (their usage call is
+/// rejected, so every request that looks at them wants the refresh), a quarter are revoked.
+/// Across both processes each due account is refreshed exactly once, no refresh token is
+/// ever presented twice, every answer carries the account's current token, and every
+/// account ends in exactly one file: revoked ones in failed.json, the others in
+/// accounts.json.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_directory_refresh_once_and_move_once() {
+    const ACCOUNTS: usize = 16;
+    const PER_PROCESS: usize = 40;
+    let fake = FakeUpstream::new();
+    let upstream = fake.start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let email = |i: usize| format!("user{i:02}@example.com");
+    let due = |i: usize| i % 2 == 0;
+    let revoked = |i: usize| i % 5 == 0;
+    let mut accounts = Vec::new();
+    for i in 0..ACCOUNTS {
+        // Expired access tokens: issued with a negative lifetime.
+        fake.set_token_lifetime(if due(i) { -600 } else { 864_000 });
+        let issued = fake.add_account(AccountSpec {
+            primary: Some(gibby::fake_upstream::Window::five_hour(10 + 5 * i as i64)),
+            ..AccountSpec::new(&email(i))
+        });
+        let mut account = stored(&email(i), &issued);
+        if due(i) {
+            account.token_refresh_at = Some(now() - 60);
+        }
+        accounts.push(account);
+    }
+    fake.set_token_lifetime(864_000);
+    for i in (0..ACCOUNTS).filter(|&i| revoked(i)) {
+        fake.revoke(&email(i));
+    }
+    // The active account is revoked: every request falls back and looks at the whole pool.
+    write_pool(dir.path(), Some(&email(0)), accounts);
+    let first = Gibby::start(dir.path(), &upstream.base_url, &[]);
+    let second = Gibby::start(dir.path(), &upstream.base_url, &[]);
+    let client = client();
+
+    let (one, two) = tokio::join!(
+        fire(&client, &first.url, PER_PROCESS),
+        fire(&client, &second.url, PER_PROCESS)
+    );
+    let served: Vec<Served> = one.into_iter().chain(two).collect();
+    let logs = || format!("{}\n{}", first.log(), second.log());
+
+    let not_ok: Vec<&Served> = served.iter().filter(|s| s.status != 200).collect();
+    assert!(not_ok.is_empty(), "{not_ok:?}\n{}", logs());
+    assert_eq!(fake.reused_refresh_tokens(), 0, "no refresh token reused");
+    let refreshes = support::refreshes_per_account(&fake);
+    for i in 0..ACCOUNTS {
+        let expected = usize::from(due(i));
+        assert_eq!(
+            refreshes.get(&email(i)).copied().unwrap_or(0),
+            expected,
+            "refresh calls for {}",
+            email(i)
+        );
+    }
+    let placement = support::placement(dir.path());
+    for i in 0..ACCOUNTS {
+        let expected = if revoked(i) { (0, 1) } else { (1, 0) };
+        assert_eq!(
+            placement.get(&email(i)).copied(),
+            Some(expected),
+            "{}: (in accounts.json, in failed.json)",
+            email(i)
+        );
+    }
+    assert_eq!(placement.len(), ACCOUNTS);
+    let after = read_accounts(dir.path());
+    for s in &served {
+        let email = s.email.as_deref().expect("a 200 names its account");
+        let current = after
+            .find(email)
+            .expect("served from an account that stays");
+        assert_eq!(
+            s.access_token.as_deref(),
+            Some(current.access_token.expose()),
+            "{email} was served with a token other than its current one"
+        );
+    }
+    assert!(
+        support::accounts_holding_spent_tokens(dir.path(), &fake).is_empty(),
+        "a rotated refresh token was lost"
+    );
+    assert!(support::stray_files(dir.path()).is_empty());
+    assert!(support::loose_modes(dir.path()).is_empty());
+}
