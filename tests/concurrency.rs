@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -442,6 +443,245 @@ async fn two_processes_on_one_directory_refresh_once_and_move_once() {
             "{email} was served with a token other than its current one"
         );
     }
+    assert!(
+        support::accounts_holding_spent_tokens(dir.path(), &fake).is_empty(),
+        "a rotated refresh token was lost"
+    );
+    assert!(support::stray_files(dir.path()).is_empty());
+    assert!(support::loose_modes(dir.path()).is_empty());
+}
+
+/// Where the cooperating writer process works, and where it reports.
+const WRITER_DIR: &str = "CONCURRENCY_TEST_WRITER_DIR";
+const WRITER_REPORT: &str = "writer-report.json";
+const WRITER_EDITS: usize = 150;
+
+/// What the writer last set on an account: usage, usage_checked_at, disabled.
+type Edited = (Option<Usage>, Option<i64>, bool);
+
+/// Whether the writer's last edit of an account still stands. gibby never changes
+/// `disabled`, and never replaces usage it did not find stale; usage the writer cleared
+/// (never checked) is gibby's to fill in.
+fn edit_stands(a: &Account, edited: &Edited) -> bool {
+    a.disabled == edited.2
+        && (edited.0.is_none() || (&a.usage, &a.usage_checked_at) == (&edited.0, &edited.1))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WriterReport {
+    edits: usize,
+    /// Edits of its own the writer found changed (by email, never a token).
+    violations: Vec<String>,
+    last: BTreeMap<String, Edited>,
+}
+
+/// Kills the writer when the test ends, however it ends.
+struct Writer(std::process::Child);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The cooperating writer, run as a process of its own by
+/// `a_cooperating_writer_keeps_every_edit`: this test binary re-executed with
+/// `WRITER_DIR` set. Without it (a plain `--ignored` run) it does nothing.
+///
+/// Like a usage-polling helper, it edits accounts.json under the flock of `.gibby.lock`:
+/// each round it re-reads the file, checks that every edit it made earlier is still there,
+/// writes fresh usage on one account (sometimes 95% or more, exhausting it) or clears it,
+/// and sometimes flips `disabled`. The last account is never touched, so one always stays usable.
+#[test]
+#[ignore = "the writer process of a_cooperating_writer_keeps_every_edit"]
+fn cooperating_writer_process() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let Some(dir) = std::env::var_os(WRITER_DIR) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut report = WriterReport {
+        edits: 0,
+        violations: Vec::new(),
+        last: BTreeMap::new(),
+    };
+    for round in 0..WRITER_EDITS {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join(".gibby.lock"))
+            .unwrap();
+        // SAFETY: flock on a descriptor we own; closing it releases the lock.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let mut pool = read_accounts(&dir);
+        for (email, edited) in &report.last {
+            match pool.find(email) {
+                Some(a) if edit_stands(a, edited) => {}
+                Some(_) => report.violations.push(format!(
+                    "round {round}: {email}: an earlier edit was overwritten"
+                )),
+                None => report
+                    .violations
+                    .push(format!("round {round}: {email}: removed")),
+            }
+        }
+        let untouched = pool.accounts.len() - 1;
+        let account = &mut pool.accounts[next() as usize % untouched];
+        let now = now();
+        if next() % 3 == 0 {
+            // Cleared: gibby fetches it when it next looks at the account.
+            account.usage = None;
+            account.usage_checked_at = None;
+        } else {
+            account.usage = Some(Usage {
+                primary: Some(Window {
+                    used_percent: (next() % 100).into(),
+                    // Unique per round, so every edit is told apart.
+                    reset_at: now + 100_000 + round as i64,
+                }),
+                secondary: Some(Window {
+                    used_percent: 20.into(),
+                    reset_at: now + 500_000,
+                }),
+            });
+            account.usage_checked_at = Some(now);
+        }
+        if next() % 3 == 0 {
+            account.disabled = !account.disabled;
+        }
+        let edited = (
+            account.usage.clone(),
+            account.usage_checked_at,
+            account.disabled,
+        );
+        report.last.insert(account.email.clone(), edited);
+        write_file(&dir, "accounts.json", &pool.to_text());
+        report.edits += 1;
+        drop(lock);
+        // Pacing, not synchronisation: leave gibby room to take the lock between rounds.
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    let report = serde_json::to_string(&report).unwrap();
+    gibby::io::store::atomic_write(&dir.join(WRITER_REPORT), report.as_bytes()).unwrap();
+}
+
+/// A cooperating writer process rewrites accounts.json in a loop while gibby serves
+/// requests that refresh tokens, fetch usage, move the active pointer and write all of it
+/// back. Every edit the writer made is still in the file at its next round (and at the
+/// end), unless it edited that account again itself; gibby's rotated tokens are never lost
+/// to the writer either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooperating_writer_keeps_every_edit() {
+    const ACCOUNTS: usize = 8;
+    const LOOPS: usize = 4;
+    /// Bounds each request loop, whatever happens to the writer.
+    const MAX_REQUESTS: usize = 5_000;
+    let fake = FakeUpstream::new();
+    let upstream = fake.start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let email = |i: usize| format!("user{i:02}@example.com");
+    let mut accounts = Vec::new();
+    // Expired, due tokens and no usage: whenever gibby looks at an account it has to fetch
+    // usage, refresh, fetch again and write, all while the writer edits.
+    fake.set_token_lifetime(-600);
+    for i in 0..ACCOUNTS {
+        let issued = fake.add_account(AccountSpec::new(&email(i)));
+        accounts.push(Account {
+            token_refresh_at: Some(now() - 60),
+            ..stored(&email(i), &issued)
+        });
+    }
+    fake.set_token_lifetime(864_000);
+    // Slow answers keep each request's read old for a while: the writer's edits land
+    // between gibby's read and gibby's write.
+    fake.set_latency(Duration::from_millis(5));
+    write_pool(dir.path(), Some(&email(0)), accounts);
+    let gibby = Gibby::start(dir.path(), &upstream.base_url, &[]);
+    let client = client();
+
+    let writer_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loops: Vec<_> = (0..LOOPS)
+        .map(|_| {
+            let (client, url, done) = (client.clone(), gibby.url.clone(), writer_done.clone());
+            tokio::spawn(async move {
+                let mut served = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::SeqCst) && served.len() < MAX_REQUESTS
+                {
+                    served.push(token(&client, &url).await);
+                }
+                served
+            })
+        })
+        .collect();
+    // Start the writer once gibby is demonstrably serving.
+    assert!(fake.wait_for_calls(Endpoint::Models, 1, SIGNAL).await);
+    let mut writer = Writer(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "cooperating_writer_process",
+                "--ignored",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(WRITER_DIR, dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = writer.0.wait();
+        (writer, status)
+    })
+    .await
+    .unwrap()
+    .1
+    .unwrap();
+    writer_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let served: Vec<Served> = join_all(loops)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    assert!(status.success(), "the writer failed: {status}");
+
+    let report: WriterReport = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join(WRITER_REPORT)).expect("the writer reported"),
+    )
+    .unwrap();
+    std::fs::remove_file(dir.path().join(WRITER_REPORT)).unwrap();
+    assert_eq!(report.edits, WRITER_EDITS);
+    assert!(
+        report.violations.is_empty(),
+        "{:?}\n{}",
+        report.violations,
+        gibby.log()
+    );
+    let after = read_accounts(dir.path());
+    for (email, edited) in &report.last {
+        let a = after.find(email).expect("every account stays");
+        assert!(
+            edit_stands(a, edited),
+            "{email}: the writer's last edit is gone"
+        );
+    }
+    assert_eq!(after.accounts.len(), ACCOUNTS);
+    let not_ok: Vec<&Served> = served.iter().filter(|s| s.status != 200).collect();
+    assert!(not_ok.is_empty(), "{not_ok:?}\n{}", gibby.log());
+    assert!(served.len() >= LOOPS, "gibby served while the writer ran");
+    assert!(fake.count(Endpoint::Refresh) >= 1);
+    assert_eq!(fake.reused_refresh_tokens(), 0, "no refresh token reused");
     assert!(
         support::accounts_holding_spent_tokens(dir.path(), &fake).is_empty(),
         "a rotated refresh token was lost"
