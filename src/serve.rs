@@ -25,6 +25,9 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let state = state(&settings)?;
     let live = state.live.clone();
     warn_about_files(&settings.data_dir);
+    // A gibby killed in the middle of a write leaves its temporary file: remove it now. A
+    // data directory that cannot be locked shows up on the first write; nothing to do here.
+    let _ = live.store.recover().await;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (GIBBY_LISTEN): {e}", settings.listen))?;
