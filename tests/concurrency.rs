@@ -689,3 +689,62 @@ async fn a_cooperating_writer_keeps_every_edit() {
     assert!(support::stray_files(dir.path()).is_empty());
     assert!(support::loose_modes(dir.path()).is_empty());
 }
+
+/// SIGTERM while a request whose client hung up is still inside its refresh: gibby stops
+/// accepting, but before exiting it lets that request store the rotated tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_request_whose_client_hung_up() {
+    const A: &str = "a@example.com";
+    let fake = FakeUpstream::new();
+    let upstream = fake.start(0).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let issued = fake.add_account(AccountSpec::new(A));
+    let (usage, usage_checked_at) = fresh_usage(10);
+    let due = Account {
+        token_refresh_at: Some(now() - 60),
+        usage,
+        usage_checked_at,
+        ..stored(A, &issued)
+    };
+    write_pool(dir.path(), Some(A), vec![due]);
+    let mut gibby = Gibby::start(dir.path(), &upstream.base_url, &[]);
+    let log = gibby.log_handle();
+    let client = client();
+
+    let refresh = fake.hold(Endpoint::Refresh);
+    let (url, c) = (gibby.url.clone(), client.clone());
+    let request = tokio::spawn(async move { token(&c, &url).await });
+    assert!(fake.wait_for_calls(Endpoint::Refresh, 1, SIGNAL).await);
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    // SAFETY: a signal to the child this test started and still owns.
+    assert_eq!(unsafe { libc::kill(gibby.pid() as i32, libc::SIGTERM) }, 0);
+    let shutting_down = log.clone();
+    assert!(
+        tokio::task::spawn_blocking(move || shutting_down.wait_for_line("shutting down", SIGNAL))
+            .await
+            .unwrap(),
+        "{}",
+        gibby.log()
+    );
+    refresh.open();
+    let exited = log.clone();
+    assert!(
+        tokio::task::spawn_blocking(move || exited.wait_for_exit(SIGNAL))
+            .await
+            .unwrap(),
+        "gibby did not exit after the request ended\n{}",
+        gibby.log()
+    );
+    assert_eq!(gibby.exit_status().code(), Some(0), "{}", gibby.log());
+
+    let after = read_accounts(dir.path());
+    let a = after.find(A).unwrap();
+    assert!(
+        a.refresh_token.expose() != issued.refresh_token
+            && !support::spent_refresh_tokens(&fake.calls())
+                .contains(&a.refresh_token.expose().to_owned()),
+        "the rotated tokens were stored before gibby exited"
+    );
+    assert_eq!(fake.count(Endpoint::Refresh), 1);
+}

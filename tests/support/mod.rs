@@ -9,7 +9,7 @@ use std::io::BufRead;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use gibby::fake_upstream::{Call, Endpoint, FakeUpstream};
@@ -24,12 +24,64 @@ const LOG_LIMIT: usize = 256 * 1024;
 pub struct Gibby {
     child: Child,
     pub url: String,
-    log: Arc<Mutex<String>>,
+    log: Log,
 }
 
-enum Startup {
-    Serving,
-    Exited,
+/// What a process wrote to stderr, line by line, and whether its stderr has closed (it
+/// exited). Tests wait on it instead of sleeping.
+#[derive(Clone, Default)]
+pub struct Log(Arc<(Mutex<LogState>, Condvar)>);
+
+#[derive(Default)]
+struct LogState {
+    text: String,
+    closed: bool,
+}
+
+impl Log {
+    fn push(&self, line: &str) {
+        let mut state = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if state.text.len() < LOG_LIMIT {
+            state.text.push_str(line);
+            state.text.push('\n');
+        }
+        self.0 .1.notify_all();
+    }
+
+    fn close(&self) {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.0 .1.notify_all();
+    }
+
+    pub fn text(&self) -> String {
+        self.0
+             .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .text
+            .clone()
+    }
+
+    /// Blocks until a line containing `needle` was logged (true) or the process exited or
+    /// `timeout` passed (false).
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> bool {
+        let (lock, changed) = &*self.0;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, _) = changed
+            .wait_timeout_while(state, timeout, |s| !s.closed && !s.text.contains(needle))
+            .unwrap_or_else(|e| e.into_inner());
+        state.text.contains(needle)
+    }
+
+    /// Blocks until the process closed its stderr (it exited); false after `timeout`.
+    pub fn wait_for_exit(&self, timeout: Duration) -> bool {
+        let (lock, changed) = &*self.0;
+        let state = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, _) = changed
+            .wait_timeout_while(state, timeout, |s| !s.closed)
+            .unwrap_or_else(|e| e.into_inner());
+        state.closed
+    }
 }
 
 impl Gibby {
@@ -66,38 +118,28 @@ impl Gibby {
             }
             let mut child = command.spawn().expect("gibby starts");
             let stderr = child.stderr.take().expect("stderr is piped");
-            let log = Arc::new(Mutex::new(String::new()));
-            let (started, startup) = mpsc::channel();
+            let log = Log::default();
             let sink = log.clone();
             std::thread::spawn(move || {
-                let mut announced = false;
                 for line in std::io::BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
-                    if !announced && line.contains("gibby serving") {
-                        announced = true;
-                        let _ = started.send(Startup::Serving);
-                    }
-                    let mut log = sink.lock().unwrap_or_else(|e| e.into_inner());
-                    if log.len() < LOG_LIMIT {
-                        log.push_str(&line);
-                        log.push('\n');
-                    }
+                    sink.push(&line);
                 }
-                let _ = started.send(Startup::Exited);
+                sink.close();
             });
             let mut gibby = Gibby {
                 child,
                 url: format!("http://127.0.0.1:{port}"),
                 log,
             };
-            match startup.recv_timeout(STARTUP) {
-                Ok(Startup::Serving) => return gibby,
-                Ok(Startup::Exited) => {
-                    gibby.kill();
-                    last_log = gibby.log();
-                }
-                Err(_) => panic!("gibby did not start within {STARTUP:?}:\n{}", gibby.log()),
+            if gibby.log.wait_for_line("gibby serving", STARTUP) {
+                return gibby;
             }
+            if !gibby.log.wait_for_exit(Duration::ZERO) {
+                panic!("gibby did not start within {STARTUP:?}:\n{}", gibby.log());
+            }
+            gibby.kill();
+            last_log = gibby.log();
         }
         panic!("gibby could not start:\n{last_log}");
     }
@@ -114,7 +156,18 @@ impl Gibby {
 
     /// What the process logged so far (tokens never appear in gibby's log).
     pub fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.log.text()
+    }
+
+    /// A handle on the log to wait on from another thread.
+    pub fn log_handle(&self) -> Log {
+        self.log.clone()
+    }
+
+    /// The exit status. Call once [`Log::wait_for_exit`] said the process is ending: it
+    /// blocks until the process is reaped.
+    pub fn exit_status(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("the child can be waited for")
     }
 }
 
