@@ -137,6 +137,8 @@ pub struct UsageDue {
 }
 
 /// What a usage answer turned an account into.
+// Short-lived and consumed at once; every variant owns an account anyway.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum UsageAnswer {
     /// With the change that persists the usage, when it was fetched.
