@@ -25,7 +25,11 @@ pub fn state(settings: &Settings) -> Result<AppState, String> {
 
 pub async fn run(settings: Settings) -> Result<(), String> {
     let state = state(&settings)?;
+    let live = state.live.clone();
     warn_about_files(&settings.data_dir);
+    // A gibby killed in the middle of a write leaves its temporary file: remove it now. A
+    // data directory that cannot be locked shows up on the first write; nothing to do here.
+    let _ = live.store.recover().await;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (GIBBY_LISTEN): {e}", settings.listen))?;
@@ -39,7 +43,24 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| format!("server failed: {e}"))
+        .map_err(|e| format!("server failed: {e}"))?;
+    finish_abandoned_requests(&live).await;
+    Ok(())
+}
+
+/// A request whose client hung up goes on in its own task (it may hold rotated tokens not
+/// yet stored) and keeps a handle on `live`. Wait for those before exiting, bounded by
+/// what such a request can take.
+async fn finish_abandoned_requests(live: &Arc<Live>) {
+    const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+    for _ in 0..LIMIT.as_millis() / POLL.as_millis() {
+        if Arc::strong_count(live) == 1 {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    tracing::warn!("exiting with requests still running after {LIMIT:?}");
 }
 
 async fn shutdown_signal() {

@@ -50,6 +50,8 @@ struct View {
     failed_read: FileRead,
 }
 
+// One per request, moved rarely: boxing the locked step would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 #[expect(
     clippy::large_enum_variant,
@@ -665,7 +667,13 @@ impl TokenRequest {
         match &job {
             Job::Refresh(due, then) => {
                 let then = *then;
-                let next = match view.accounts.find(due.email()).cloned() {
+                // Disabled by hand since our read: neither refreshed nor served.
+                let next = match view
+                    .accounts
+                    .find(due.email())
+                    .filter(|a| !a.disabled)
+                    .cloned()
+                {
                     Some(stored) if stored.refresh_token == *due.refresh_token() => {
                         self.effects.push_back(due.effect());
                         let Job::Refresh(due, _) = job else {
@@ -677,7 +685,7 @@ impl TokenRequest {
                         };
                         return;
                     }
-                    Some(stored) if !stored.disabled => {
+                    Some(stored) => {
                         let Job::Refresh(due, _) = job else {
                             unreachable!()
                         };

@@ -142,6 +142,8 @@ pub struct UsageDue {
 }
 
 /// What a usage answer turned an account into.
+// Short-lived and consumed at once; every variant owns an account anyway.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 #[expect(
     clippy::large_enum_variant,

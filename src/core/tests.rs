@@ -319,6 +319,35 @@ fn a_refresh_done_elsewhere_is_adopted_without_a_call() {
 }
 
 #[test]
+fn an_account_disabled_before_the_locked_read_is_neither_refreshed_nor_served() {
+    let mut a = account("a", 10);
+    a.token_refresh_at = Some(NOW - 5);
+    let file = pool(Some("a"), vec![a.clone(), account("b", 5)]);
+    let mut request = TokenRequest::new(NOW, Policy::default());
+    assert_eq!(request.poll_effect(), Some(Effect::ReadFiles));
+    request.handle(Event::FilesRead {
+        accounts: FileRead::Text(file.to_text()),
+        failed: FileRead::Missing,
+    });
+    assert_eq!(request.poll_effect(), Some(Effect::Lock));
+    request.handle(Event::Locked);
+    assert_eq!(request.poll_effect(), Some(Effect::ReadFiles));
+    // A helper disabled it, same tokens, between our read and the lock.
+    let mut disabled = file.clone();
+    disabled.accounts[0].disabled = true;
+    request.handle(Event::FilesRead {
+        accounts: FileRead::Text(disabled.to_text()),
+        failed: FileRead::Missing,
+    });
+    assert_eq!(request.poll_effect(), Some(Effect::Unlock));
+    request.handle(Event::Unlocked);
+    match request.poll_effect() {
+        Some(Effect::Validate { email, .. }) => assert_eq!(email, "b"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn an_invalid_token_is_moved_whole_and_the_next_account_served() {
     let mut world = World::new(&pool(Some("a"), vec![account("a", 10), account("b", 5)]));
     let before = world.accounts().accounts[0].clone();

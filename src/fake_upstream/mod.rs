@@ -31,6 +31,27 @@ pub const DEFAULT_TOKEN_LIFETIME: i64 = 864_000;
 #[derive(Clone)]
 pub struct FakeUpstream {
     state: Arc<Mutex<State>>,
+    /// Calls received per endpoint, for tests that wait for a call instead of sleeping.
+    /// Kept outside `state` so that a waiter never holds one lock while taking the other.
+    seen: Arc<tokio::sync::watch::Sender<[usize; 3]>>,
+}
+
+/// Holds every answer of one endpoint until it is opened (or dropped): see
+/// [`FakeUpstream::hold`].
+#[derive(Debug)]
+pub struct Gate {
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    /// Lets every held answer, and every later one, go out.
+    pub fn open(self) {}
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.open.send_replace(true);
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -103,6 +124,16 @@ pub enum Endpoint {
     Refresh,
     Usage,
     Models,
+}
+
+impl Endpoint {
+    fn index(self) -> usize {
+        match self {
+            Endpoint::Refresh => 0,
+            Endpoint::Usage => 1,
+            Endpoint::Models => 2,
+        }
+    }
 }
 
 /// A scripted answer, queued with [`FakeUpstream::push_reply`].
@@ -205,6 +236,8 @@ struct State {
     lifetime: i64,
     calls: Vec<Call>,
     reused: usize,
+    /// Answers of these endpoints wait until the gate's sender says `true`.
+    gates: HashMap<Endpoint, tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Default for FakeUpstream {
@@ -237,7 +270,9 @@ impl FakeUpstream {
                 lifetime: DEFAULT_TOKEN_LIFETIME,
                 calls: Vec::new(),
                 reused: 0,
+                gates: HashMap::new(),
             })),
+            seen: Arc::new(tokio::sync::watch::channel([0; 3]).0),
         }
     }
 
@@ -354,6 +389,26 @@ impl FakeUpstream {
 
     pub fn clear_calls(&self) {
         self.lock().calls.clear();
+        self.seen.send_replace([0; 3]);
+    }
+
+    /// From now on, every answer of `endpoint` is held back (after the call is recorded and
+    /// its effect, such as a token rotation, has happened) until the returned gate is opened
+    /// or dropped. With [`wait_for_calls`](Self::wait_for_calls), a test can line up
+    /// concurrent callers at an exact point without sleeping.
+    pub fn hold(&self, endpoint: Endpoint) -> Gate {
+        let (open, opened) = tokio::sync::watch::channel(false);
+        self.lock().gates.insert(endpoint, opened);
+        Gate { open }
+    }
+
+    /// Waits until at least `n` calls to `endpoint` have been recorded (since the start or
+    /// the last [`clear_calls`](Self::clear_calls)); `false` when `timeout` passes first.
+    pub async fn wait_for_calls(&self, endpoint: Endpoint, n: usize, timeout: Duration) -> bool {
+        let mut seen = self.seen.subscribe();
+        tokio::time::timeout(timeout, seen.wait_for(|c| c[endpoint.index()] >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 

@@ -103,7 +103,7 @@ async fn handle(
         query: parts.uri.query().map(str::to_owned),
         status: 0,
     };
-    let (reply, latency) = {
+    let (reply, latency, gate) = {
         let mut st = fake.lock();
         call.email = match endpoint {
             Endpoint::Refresh => call
@@ -137,8 +137,13 @@ async fn handle(
         call.status = reply.final_status();
         tracing::debug!(?call, "fake upstream call");
         st.calls.push(call);
-        (reply, st.latency)
+        (reply, st.latency, st.gates.get(&endpoint).cloned())
     };
+    fake.seen.send_modify(|c| c[endpoint.index()] += 1);
+    if let Some(mut gate) = gate {
+        // Err: the gate was dropped, which opens it too.
+        let _ = gate.wait_for(|open| *open).await;
+    }
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

@@ -375,3 +375,43 @@ async fn tokens_have_the_claim_layout() {
     let shown = format!("{t:?} {fake:?}");
     assert!(!shown.contains(&t.access_token) && !shown.contains(&t.refresh_token));
 }
+
+#[tokio::test]
+async fn a_gate_holds_answers_until_opened_and_calls_can_be_awaited() {
+    let (fake, run, c) = setup().await;
+    let t = fake.add_account(AccountSpec::new("a@x.test"));
+    let gate = fake.hold(Endpoint::Refresh);
+    let (c2, run2, rt) = (c.clone(), run.base_url.clone(), t.refresh_token.clone());
+    let held = tokio::spawn(async move {
+        let body = json!({"client_id": CLIENT_ID, "grant_type": "refresh_token",
+                          "refresh_token": rt});
+        c2.post(format!("{run2}/oauth/token"))
+            .json(&body)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    assert!(
+        fake.wait_for_calls(Endpoint::Refresh, 1, Duration::from_secs(10))
+            .await
+    );
+    // The call is recorded and the token already rotated, but no answer went out.
+    assert_eq!(fake.count(Endpoint::Refresh), 1);
+    assert!(!held.is_finished());
+    assert!(
+        !fake
+            .wait_for_calls(Endpoint::Refresh, 2, Duration::from_millis(50))
+            .await
+    );
+    // Other endpoints are not held.
+    assert_eq!(get(&c, &run, USAGE, &t.access_token).await.0, 200);
+    gate.open();
+    assert_eq!(held.await.unwrap().unwrap(), 200);
+    assert_eq!(refresh(&c, &run, &t.refresh_token).await.0, 401);
+    fake.clear_calls();
+    assert!(
+        !fake
+            .wait_for_calls(Endpoint::Refresh, 1, Duration::from_millis(10))
+            .await
+    );
+}

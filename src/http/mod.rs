@@ -50,9 +50,21 @@ async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Resp
             return Err(AppError::Unauthorized);
         }
     }
-    let finished = match &state.record_dir {
-        Some(dir) => crate::io::record::token(&state.live, dir).await?,
-        None => state.live.token().await?,
+    // The request runs to its end in a task of its own, even when the client hangs up and
+    // this handler is dropped: a refresh call in flight has already spent the old refresh
+    // token upstream, and only the rest of the request stores the new one.
+    let (live, record_dir) = (state.live.clone(), state.record_dir.clone());
+    let request = async move {
+        match &record_dir {
+            Some(dir) => crate::io::record::token(&live, dir).await,
+            None => live.token().await,
+        }
+    };
+    let finished = match tokio::spawn(request).await {
+        Ok(finished) => finished?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: only when the runtime itself shuts down.
+        Err(_) => return Err(AppError::Internal(LiveError::NoOutcome)),
     };
     for warning in &finished.warnings {
         tracing::warn!("{warning}");

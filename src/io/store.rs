@@ -63,6 +63,7 @@ impl Store {
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            remove_abandoned_temporaries(path.parent().unwrap_or(Path::new(".")));
             Ok(file)
         })
         .await
@@ -71,6 +72,12 @@ impl Store {
             _file: file,
             _local: local,
         })
+    }
+
+    /// Takes the lock once and lets it go: what a writer killed in the middle of a write
+    /// left behind is removed. `serve` does this at startup.
+    pub async fn recover(&self) -> std::io::Result<()> {
+        self.lock().await.map(drop)
     }
 
     /// Replaces `file` with `content` if it still holds `expected`. Call with the lock held.
@@ -82,6 +89,35 @@ impl Store {
         match atomic_write(&path, content.as_bytes()) {
             Ok(()) => WriteResult::Done,
             Err(e) => WriteResult::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Whether `name` is the temporary file of an [`atomic_write`] of a state file.
+pub fn is_temporary(name: &str) -> bool {
+    [StateFile::Accounts, StateFile::Failed].iter().any(|f| {
+        name.strip_prefix('.')
+            .and_then(|n| n.strip_prefix(f.name()))
+            .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"))
+    })
+}
+
+/// Removes the temporary files of atomic writes that never finished: a writer killed
+/// between creating one and renaming it (SIGKILL, power loss) cannot remove it itself.
+/// Call with the lock held: every writer creates its temporary file under the lock, so
+/// any found then belongs to nobody.
+fn remove_abandoned_temporaries(dir: &Path) {
+    let Ok(entries) = fs_err::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if is_temporary(&name) {
+            match fs_err::remove_file(entry.path()) {
+                Ok(()) => tracing::warn!("removed {name}, left by a write that was interrupted"),
+                Err(e) => tracing::warn!("cannot remove a temporary file left behind: {e}"),
+            }
         }
     }
 }
@@ -180,6 +216,41 @@ mod tests {
             read(&path),
             FileRead::Unreadable("not UTF-8 at line 2 column 5 (byte 7)".into())
         );
+    }
+
+    #[test]
+    fn temporary_file_names() {
+        for name in [".accounts.json.a1B2c3.tmp", ".failed.json.XyZ987.tmp"] {
+            assert!(is_temporary(name), "{name}");
+        }
+        for name in [
+            "accounts.json",
+            ".gibby.lock",
+            ".accounts.json.swp",
+            "accounts.json.tmp",
+            ".accounts.jsonx.tmp",
+            ".other.json.abc.tmp",
+        ] {
+            assert!(!is_temporary(name), "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_lock_removes_temporary_files_a_killed_writer_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        std::fs::write(store.path(StateFile::Accounts), "{}").unwrap();
+        for name in [".accounts.json.abc123.tmp", ".failed.json.def456.tmp"] {
+            std::fs::write(dir.path().join(name), "half a file").unwrap();
+        }
+        std::fs::write(dir.path().join("notes.tmp"), "the operator's").unwrap();
+        store.recover().await.unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".gibby.lock", "accounts.json", "notes.tmp"]);
     }
 
     #[test]
