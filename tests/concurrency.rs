@@ -133,7 +133,12 @@ async fn two_hundred_requests_while_the_token_is_due_share_one_refresh() {
         .filter(|c| c.bearer.as_deref() != Some(stored.access_token.expose()))
         .count();
     assert_eq!(old_token_validated, 0, "only the new token is validated");
-    assert_eq!(fake.count(Endpoint::Models), N);
+    // Concurrent validations of the new token may be shared, never skipped.
+    let validations = fake.count(Endpoint::Models);
+    assert!(
+        (1..=N).contains(&validations),
+        "{validations} validations for {N} answers"
+    );
 }
 
 /// A client that hangs up while its request holds the lock across a refresh call must not
