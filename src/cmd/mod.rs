@@ -14,7 +14,7 @@ use crate::io::store;
 fn read(dir: &Path, file: StateFile) -> Result<Option<String>, String> {
     match store::read(&dir.join(file.name())) {
         FileRead::Missing => Ok(None),
-        FileRead::Text(text) => Ok(Some(text)),
+        FileRead::Text(text) => Ok(Some(text.to_string())),
         FileRead::Unreadable(why) => Err(format!("{}: cannot be read: {why}", file.name())),
     }
 }

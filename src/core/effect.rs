@@ -27,7 +27,7 @@ impl StateFile {
 #[derive(Clone, PartialEq, Eq)]
 pub enum FileRead {
     Missing,
-    Text(String),
+    Text(std::sync::Arc<str>),
     /// It exists but could not be read (permissions, not UTF-8, I/O error).
     Unreadable(String),
 }

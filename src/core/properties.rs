@@ -290,7 +290,7 @@ impl<'a> Sim<'a> {
     fn new(case: &'a Case) -> Self {
         Sim {
             case,
-            accounts: FileRead::Text(case.accounts.to_text()),
+            accounts: FileRead::Text(case.accounts.to_text().into()),
             failed: case.failed.clone(),
             locked: false,
             spent: BTreeSet::new(),
@@ -397,7 +397,7 @@ impl<'a> Sim<'a> {
                 .push(format!("{} write expected other content", file.name()));
             return WriteResult::Conflict;
         }
-        *slot = FileRead::Text(content.0.clone());
+        *slot = FileRead::Text(content.0.as_str().into());
         self.writes.push((file, content.0.clone()));
         WriteResult::Done
     }
@@ -758,14 +758,16 @@ fn case() -> impl Strategy<Value = Case> {
                         FailedFile {
                             accounts: vec![old("gone@example.com"), old(&email(pick))],
                         }
-                        .to_text(),
+                        .to_text()
+                        .into(),
                     ),
                     // A move to failed.json that a crash interrupted.
                     7 | 8 if !accounts.is_empty() => FileRead::Text(
                         FailedFile {
                             accounts: vec![old("gone@example.com"), accounts[pick].clone()],
                         }
-                        .to_text(),
+                        .to_text()
+                        .into(),
                     ),
                     7 | 8 => FileRead::Text("{\"accounts\": []}\n".into()),
                     _ => FileRead::Text("{not json".into()),

@@ -1,6 +1,7 @@
 //! One `GET /token`, as a state machine that asks for effects and is fed their results.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use super::change::{self, Change};
 use super::effect::{Effect, Event, FileRead, FileText, StateFile, WriteResult};
@@ -44,14 +45,13 @@ pub enum Outcome {
 /// The latest state this request has seen of both files.
 #[derive(Debug)]
 struct View {
-    accounts: AccountsFile,
+    /// Shared with the [`ParseMemo`] until this request changes it.
+    accounts: Arc<AccountsFile>,
     accounts_read: FileRead,
     failed: Result<FailedFile, FileError>,
     failed_read: FileRead,
 }
 
-// One per request, moved rarely: boxing the locked step would buy nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 #[expect(
     clippy::large_enum_variant,
@@ -151,6 +151,29 @@ pub struct TokenRequest {
     refresh_first: Vec<RefreshDue>,
     /// Things the operator should hear about that did not change the answer.
     warnings: Vec<String>,
+    memo: Option<Arc<ParseMemo>>,
+}
+
+/// The last accounts.json text parsed and what it parsed to. Parsing is a pure function of
+/// the text, so a request that reads the very same bytes takes the earlier result instead
+/// of parsing a large pool again. The file is still read on every request.
+#[derive(Debug, Default)]
+pub struct ParseMemo {
+    last: Mutex<Option<(Arc<str>, Arc<AccountsFile>)>>,
+}
+
+impl ParseMemo {
+    fn parse(&self, text: &Arc<str>) -> Result<Arc<AccountsFile>, FileError> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((seen, parsed)) = &*last {
+            if Arc::ptr_eq(seen, text) || **seen == **text {
+                return Ok(parsed.clone());
+            }
+        }
+        let parsed = Arc::new(AccountsFile::parse(text)?);
+        *last = Some((text.clone(), parsed.clone()));
+        Ok(parsed)
+    }
 }
 
 impl TokenRequest {
@@ -170,7 +193,14 @@ impl TokenRequest {
             failures: Vec::new(),
             refresh_first: Vec::new(),
             warnings: Vec::new(),
+            memo: None,
         }
+    }
+
+    /// Reuses the parse of an accounts.json text that an earlier request already parsed.
+    pub fn with_memo(mut self, memo: Arc<ParseMemo>) -> Self {
+        self.memo = Some(memo);
+        self
     }
 
     /// The next effect to perform, if any.
@@ -302,7 +332,10 @@ impl TokenRequest {
         failed: FileRead,
     ) -> Result<Vec<Account>, FileError> {
         let parsed = match &accounts {
-            FileRead::Text(text) => AccountsFile::parse(text)?,
+            FileRead::Text(text) => match &self.memo {
+                Some(memo) => memo.parse(text)?,
+                None => Arc::new(AccountsFile::parse(text)?),
+            },
             FileRead::Missing => {
                 return Err(FileError {
                     file: ACCOUNTS_FILE,
@@ -377,20 +410,17 @@ impl TokenRequest {
         if let Some(due) = self.refresh_first.pop() {
             return self.lock(Job::Refresh(due, Then::RetryUsage));
         }
-        let accounts: Vec<Account> = self
-            .view()
-            .accounts
+        // The view is shared (and may be large): take out only the accounts looked at.
+        let view = self.view().accounts.clone();
+        let active = view.active_account.as_deref();
+        let active_account = view
             .accounts
             .iter()
             .filter(|a| !self.excluded.contains(&a.email))
-            .cloned()
-            .collect();
-        let active = self.view().accounts.active_account.clone();
-        let (active, others): (Vec<Account>, Vec<Account>) = accounts
-            .into_iter()
-            .partition(|a| Some(&a.email) == active.as_ref());
+            .find(|a| Some(a.email.as_str()) == active)
+            .cloned();
 
-        if let Some(account) = active.into_iter().next() {
+        if let Some(account) = active_account {
             let email = account.email.clone();
             if !self.check(account) {
                 self.state = State::CheckingUsage;
@@ -405,6 +435,13 @@ impl TokenRequest {
             }
         }
 
+        let others: Vec<Account> = view
+            .accounts
+            .iter()
+            .filter(|a| !self.excluded.contains(&a.email))
+            .filter(|a| Some(a.email.as_str()) != active)
+            .cloned()
+            .collect();
         let mut waiting = false;
         for account in others {
             waiting |= !self.check(account);
@@ -627,12 +664,12 @@ impl TokenRequest {
         match file {
             StateFile::Accounts => {
                 view.accounts =
-                    AccountsFile::parse(&content.0).expect("gibby writes what it parses");
-                view.accounts_read = FileRead::Text(content.0);
+                    Arc::new(AccountsFile::parse(&content.0).expect("gibby writes what it parses"));
+                view.accounts_read = FileRead::Text(content.0.into());
             }
             StateFile::Failed => {
                 view.failed = FailedFile::parse(&content.0);
-                view.failed_read = FileRead::Text(content.0);
+                view.failed_read = FileRead::Text(content.0.into());
             }
         }
     }
@@ -662,7 +699,7 @@ impl TokenRequest {
     /// Under the lock, with a fresh read in `self.view`: decide what to write.
     fn locked_read(&mut self, job: Job, conflicts: u8) {
         let view = self.view();
-        let mut accounts = view.accounts.clone();
+        let mut accounts = AccountsFile::clone(&view.accounts);
         let mut writes = VecDeque::new();
         match &job {
             Job::Refresh(due, then) => {
@@ -772,7 +809,7 @@ impl TokenRequest {
                 change::remove(&mut accounts, &account);
             }
         }
-        if accounts != self.view().accounts {
+        if accounts != *self.view().accounts {
             writes.push_back((StateFile::Accounts, FileText(accounts.to_text())));
         }
         self.write_next(job, writes, conflicts)
@@ -814,5 +851,29 @@ fn change_email(change: &Change) -> &str {
         Change::SetUsage { email, .. }
         | Change::SetTokens { email, .. }
         | Change::SetActive { email, .. } => email,
+    }
+}
+
+#[cfg(test)]
+mod memo_tests {
+    use super::*;
+
+    #[test]
+    fn the_memo_reuses_a_parse_only_for_the_same_text() {
+        let memo = ParseMemo::default();
+        let one: Arc<str> = r#"{"active_account": null, "accounts": []}"#.into();
+        let same: Arc<str> = one.to_string().into();
+        let other: Arc<str> = r#"{"active_account": "x", "accounts": []}"#.into();
+        let first = memo.parse(&one).unwrap();
+        assert!(Arc::ptr_eq(&first, &memo.parse(&one).unwrap()));
+        assert!(Arc::ptr_eq(&first, &memo.parse(&same).unwrap()));
+        let changed = memo.parse(&other).unwrap();
+        assert_eq!(changed.active_account.as_deref(), Some("x"));
+        assert!(
+            memo.parse(&"{".into()).is_err(),
+            "a broken text is an error"
+        );
+        // A broken text leaves the last good parse in place, and never replaces the answer.
+        assert!(Arc::ptr_eq(&changed, &memo.parse(&other).unwrap()));
     }
 }

@@ -18,7 +18,7 @@ struct World {
 impl World {
     fn new(file: &AccountsFile) -> Self {
         World {
-            accounts: FileRead::Text(file.to_text()),
+            accounts: FileRead::Text(file.to_text().into()),
             failed: FileRead::Missing,
             edit_before_write: None,
             trace: Vec::new(),
@@ -66,14 +66,14 @@ impl World {
                 } => {
                     assert!(locked, "write without the lock");
                     if let Some(edit) = self.edit_before_write.take() {
-                        self.accounts = FileRead::Text(edit);
+                        self.accounts = FileRead::Text(edit.into());
                     }
                     let slot = match file {
                         StateFile::Accounts => &mut self.accounts,
                         StateFile::Failed => &mut self.failed,
                     };
                     let result = if slot == expected {
-                        *slot = FileRead::Text(content.0.clone());
+                        *slot = FileRead::Text(content.0.clone().into());
                         WriteResult::Done
                     } else {
                         WriteResult::Conflict
@@ -303,7 +303,7 @@ fn a_refresh_done_elsewhere_is_adopted_without_a_call() {
     assert_eq!(request.poll_effect(), Some(Effect::Lock));
     request.handle(Event::Locked);
     assert_eq!(request.poll_effect(), Some(Effect::ReadFiles));
-    world.accounts = FileRead::Text(rotated_text);
+    world.accounts = FileRead::Text(rotated_text.into());
     request.handle(Event::FilesRead {
         accounts: world.accounts.clone(),
         failed: FileRead::Missing,
@@ -326,7 +326,7 @@ fn an_account_disabled_before_the_locked_read_is_neither_refreshed_nor_served() 
     let mut request = TokenRequest::new(NOW, Policy::default());
     assert_eq!(request.poll_effect(), Some(Effect::ReadFiles));
     request.handle(Event::FilesRead {
-        accounts: FileRead::Text(file.to_text()),
+        accounts: FileRead::Text(file.to_text().into()),
         failed: FileRead::Missing,
     });
     assert_eq!(request.poll_effect(), Some(Effect::Lock));
@@ -336,7 +336,7 @@ fn an_account_disabled_before_the_locked_read_is_neither_refreshed_nor_served() 
     let mut disabled = file.clone();
     disabled.accounts[0].disabled = true;
     request.handle(Event::FilesRead {
-        accounts: FileRead::Text(disabled.to_text()),
+        accounts: FileRead::Text(disabled.to_text().into()),
         failed: FileRead::Missing,
     });
     assert_eq!(request.poll_effect(), Some(Effect::Unlock));
@@ -469,7 +469,8 @@ fn an_interrupted_move_is_finished_on_the_next_read() {
         FailedFile {
             accounts: vec![account("a", 10)],
         }
-        .to_text(),
+        .to_text()
+        .into(),
     );
     let outcome = world.run(&mut |_| models());
     assert_eq!(served(&outcome), "b");
@@ -620,8 +621,8 @@ fn refresh_rejected_with(during_call: impl FnOnce(&mut World)) -> (World, Outcom
             Effect::Unlock => Event::Unlocked,
             Effect::Write { file, content, .. } => {
                 match file {
-                    StateFile::Accounts => world.accounts = FileRead::Text(content.0),
-                    StateFile::Failed => world.failed = FileRead::Text(content.0),
+                    StateFile::Accounts => world.accounts = FileRead::Text(content.0.into()),
+                    StateFile::Failed => world.failed = FileRead::Text(content.0.into()),
                 }
                 Event::Written {
                     file,
@@ -673,7 +674,7 @@ fn refresh_token_reused_after_another_writer_rotated_uses_their_tokens() {
         file.accounts[0].access_token = Secret::new("their-at");
         file.accounts[0].refresh_token = Secret::new("their-rt");
         file.accounts[0].token_refresh_at = Some(NOW + 9000);
-        world.accounts = FileRead::Text(file.to_text());
+        world.accounts = FileRead::Text(file.to_text().into());
     });
     match &outcome {
         Outcome::Token { answer, .. } => assert_eq!(answer.access_token().expose(), "their-at"),

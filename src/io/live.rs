@@ -113,7 +113,7 @@ impl Validations {
 impl Live {
     /// Serves one `/token` request.
     pub async fn token(&self) -> Result<Finished, LiveError> {
-        self.run(TokenRequest::new((self.clock)(), self.policy))
+        self.run(TokenRequest::new((self.clock)(), self.policy).with_memo(self.store.memo()))
             .await
     }
 

@@ -96,7 +96,7 @@ impl<'a> Recorder<'a> {
                 self.failed = failed.clone();
             }
             (Effect::Write { file, content, .. }, Event::Written { result, .. }) => match result {
-                WriteResult::Done => *self.slot(*file) = FileRead::Text(content.0.clone()),
+                WriteResult::Done => *self.slot(*file) = FileRead::Text(content.0.as_str().into()),
                 // Another writer's change landed before this write: it is what the file
                 // holds now.
                 WriteResult::Conflict => {
@@ -154,7 +154,7 @@ impl<'a> Recorder<'a> {
             before_effect: step,
             file: FileName::from(file),
             content: Some(match content {
-                FileRead::Text(text) => Value::String(text),
+                FileRead::Text(text) => Value::String(text.to_string()),
                 FileRead::Missing | FileRead::Unreadable(_) => Value::Null,
             }),
             write_fails: None,
@@ -234,8 +234,8 @@ fn content<T>(read: &FileRead, parse: impl Fn(&str) -> Option<(String, T)>) -> O
     match read {
         FileRead::Missing | FileRead::Unreadable(_) => None,
         FileRead::Text(text) => Some(match parse(text) {
-            Some((canonical, parsed)) if &canonical == text => Content::Parsed(parsed),
-            _ => Content::Text(text.clone()),
+            Some((canonical, parsed)) if canonical.as_str() == &**text => Content::Parsed(parsed),
+            _ => Content::Text(text.to_string()),
         }),
     }
 }

@@ -10,15 +10,27 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::core::{FileRead, StateFile, WriteResult};
+use crate::core::{FileRead, ParseMemo, StateFile, WriteResult};
 
 pub const LOCK_FILE: &str = ".gibby.lock";
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
     /// Requests of this process queue here first, so only one thread waits in `flock`.
     local: Arc<tokio::sync::Mutex<()>>,
+    /// The text of each file as last read, so that a read of unchanged bytes hands out the
+    /// same shared text (and the core can reuse its parse) without holding a second copy.
+    last: Arc<std::sync::Mutex<[Option<Arc<str>>; 2]>>,
+    memo: Arc<ParseMemo>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Held while the lock is held; dropping it releases both locks.
@@ -33,7 +45,14 @@ impl Store {
         Store {
             dir: dir.into(),
             local: Arc::new(tokio::sync::Mutex::new(())),
+            last: Arc::default(),
+            memo: Arc::default(),
         }
+    }
+
+    /// Where requests of this store share the parse of unchanged accounts.json bytes.
+    pub fn memo(&self) -> Arc<ParseMemo> {
+        self.memo.clone()
     }
 
     pub fn dir(&self) -> &Path {
@@ -44,8 +63,27 @@ impl Store {
         self.dir.join(file.name())
     }
 
+    /// The file as it is now. Every byte is read each time; when they are the bytes of the
+    /// last read, the text of that read is handed out again.
     pub fn read(&self, file: StateFile) -> FileRead {
-        read(&self.path(file))
+        let path = self.path(file);
+        let slot = match file {
+            StateFile::Accounts => 0,
+            StateFile::Failed => 1,
+        };
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner())[slot].clone();
+        if let Some(text) = last {
+            if holds(&path, text.as_bytes()).unwrap_or(false) {
+                return FileRead::Text(text);
+            }
+        }
+        let read = read(&path);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        last[slot] = match &read {
+            FileRead::Text(text) => Some(text.clone()),
+            _ => None,
+        };
+        read
     }
 
     /// Takes the exclusive write lock, waiting for other writers.
@@ -132,11 +170,33 @@ pub fn loose_mode(path: &Path) -> Option<u32> {
 pub fn read(path: &Path) -> FileRead {
     match fs_err::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(text) => FileRead::Text(text),
+            Ok(text) => FileRead::Text(text.into()),
             Err(e) => FileRead::Unreadable(not_utf8(e.as_bytes(), e.utf8_error().valid_up_to())),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileRead::Missing,
         Err(e) => FileRead::Unreadable(e.to_string()),
+    }
+}
+
+/// Whether the file at `path` holds exactly `expected`, compared in small pieces so that
+/// many concurrent reads of a large file need no full copy each.
+fn holds(path: &Path, expected: &[u8]) -> std::io::Result<bool> {
+    use std::io::Read;
+    let mut file = fs_err::File::open(path)?;
+    if file.metadata()?.len() != expected.len() as u64 {
+        return Ok(false);
+    }
+    let mut buf = [0u8; 16 * 1024];
+    let mut at = 0;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(at == expected.len());
+        }
+        if expected.get(at..at + n) != Some(&buf[..n]) {
+            return Ok(false);
+        }
+        at += n;
     }
 }
 
@@ -177,6 +237,35 @@ pub fn atomic_write(path: &Path, content: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_read_sees_every_changed_byte_even_when_the_size_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let path = store.path(StateFile::Accounts);
+        std::fs::write(&path, "{\"a\": 1}").unwrap();
+        let first = store.read(StateFile::Accounts);
+        let FileRead::Text(first_text) = &first else {
+            panic!("text expected")
+        };
+        let FileRead::Text(again) = store.read(StateFile::Accounts) else {
+            panic!("text expected")
+        };
+        assert!(
+            Arc::ptr_eq(first_text, &again),
+            "unchanged bytes share the text"
+        );
+        // An in-place edit of the same length (no rename, same inode).
+        std::fs::write(&path, "{\"a\": 2}").unwrap();
+        assert_eq!(
+            store.read(StateFile::Accounts),
+            FileRead::Text("{\"a\": 2}".into())
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(store.read(StateFile::Accounts), FileRead::Missing);
+        std::fs::write(&path, "{\"a\": 1}").unwrap();
+        assert_eq!(store.read(StateFile::Accounts), first);
+    }
 
     #[test]
     fn atomic_write_is_0600_and_leaves_no_temporary_file() {

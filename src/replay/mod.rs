@@ -259,7 +259,7 @@ impl Replay<'_> {
                     WriteResult::Conflict
                 } else {
                     let before = self.slot(file).clone();
-                    let after = FileRead::Text(content.0);
+                    let after = FileRead::Text(content.0.into());
                     self.show_change(file, &before, &after);
                     *self.slot(file) = after;
                     WriteResult::Done

@@ -145,11 +145,11 @@ impl Files {
         let accounts = self
             .accounts
             .as_ref()
-            .map_or(FileRead::Missing, |c| FileRead::Text(c.text()));
+            .map_or(FileRead::Missing, |c| FileRead::Text(c.text().into()));
         let failed = self
             .failed
             .as_ref()
-            .map_or(FileRead::Missing, |c| FileRead::Text(c.text()));
+            .map_or(FileRead::Missing, |c| FileRead::Text(c.text().into()));
         (accounts, failed)
     }
 }
@@ -321,11 +321,14 @@ impl Edit {
         let what = |e: serde_json::Error| format!("edit before effect {}: {e}", self.before_effect);
         Ok(match &self.content {
             None | Some(Value::Null) => FileRead::Missing,
-            Some(Value::String(text)) => FileRead::Text(text.clone()),
-            Some(v) => FileRead::Text(match self.file {
-                FileName::Accounts => AccountsFile::deserialize(v).map_err(what)?.to_text(),
-                FileName::Failed => FailedFile::deserialize(v).map_err(what)?.to_text(),
-            }),
+            Some(Value::String(text)) => FileRead::Text(text.as_str().into()),
+            Some(v) => FileRead::Text(
+                match self.file {
+                    FileName::Accounts => AccountsFile::deserialize(v).map_err(what)?.to_text(),
+                    FileName::Failed => FailedFile::deserialize(v).map_err(what)?.to_text(),
+                }
+                .into(),
+            ),
         })
     }
 }
