@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use futures_util::future::{join_all, BoxFuture, Shared};
-use futures_util::FutureExt;
+use futures_util::future::join_all;
+use tokio::sync::watch;
 
 use super::store::{LockGuard, Store};
 use super::upstream::Upstream;
@@ -57,20 +57,55 @@ pub struct Finished {
     pub writes: usize,
 }
 
-type InFlight = HashMap<(String, Option<String>), Shared<BoxFuture<'static, Reply>>>;
+type InFlight = HashMap<(String, Option<String>), Arc<watch::Sender<Option<Reply>>>>;
 
 /// Validation calls in flight, keyed by access token and account id. A request that needs
-/// a validation of a token already being validated joins that call instead of sending
-/// another; the call runs as its own task, so a request that goes away cannot strand the
-/// others, and the task removes its entry when the answer is in.
+/// a validation of a token already being validated waits for that call's answer instead of
+/// sending another. The request that started the call sends it itself, in its own task
+/// (no extra task, no extra thread hop on the hot path), and publishes the answer once;
+/// the others are woken once, when it is in.
 #[derive(Clone, Default)]
 pub struct Validations {
     in_flight: Arc<Mutex<InFlight>>,
 }
 
+/// The starter's claim on an in-flight entry. It takes the entry out of the map before it
+/// publishes the answer (a request arriving from then on sends a call of its own, so a
+/// finished call is never reused), and also when the starter is dropped half-way: its
+/// waiters then see a closed channel, and no entry is left that nobody will answer.
+struct Started<'a> {
+    validations: &'a Validations,
+    key: (String, Option<String>),
+    answer: Arc<watch::Sender<Option<Reply>>>,
+    removed: bool,
+}
+
+impl Started<'_> {
+    fn finish(mut self, reply: Reply) {
+        self.remove();
+        self.answer.send_replace(Some(reply));
+    }
+
+    fn remove(&mut self) {
+        if !std::mem::replace(&mut self.removed, true) {
+            self.validations
+                .in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.key);
+        }
+    }
+}
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 impl Validations {
-    /// Joins the call in flight for this token, or starts one with `upstream`.
-    /// Returns the answer and whether this request started the call.
+    /// Joins the call in flight for this token, or sends one with `upstream`.
+    /// Returns the answer and whether this request sent the call.
     async fn validate(
         &self,
         upstream: &Upstream,
@@ -81,32 +116,37 @@ impl Validations {
             access_token.expose().to_owned(),
             account_id.map(str::to_owned),
         );
-        let (call, started) = {
+        let joined = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
             match in_flight.get(&key) {
-                Some(call) => (call.clone(), false),
+                Some(answer) => Err(answer.subscribe()),
                 None => {
-                    let (upstream, token, id) =
-                        (upstream.clone(), access_token.clone(), key.1.clone());
-                    let map = self.in_flight.clone();
-                    let entry = key.clone();
-                    let task = tokio::spawn(async move {
-                        let reply = upstream.validate(&token, id.as_deref()).await;
-                        map.lock().unwrap_or_else(|e| e.into_inner()).remove(&entry);
-                        reply
-                    });
-                    let call = async move {
-                        task.await
-                            .unwrap_or_else(|e| Reply::Transport(format!("validation task: {e}")))
-                    }
-                    .boxed()
-                    .shared();
-                    in_flight.insert(key, call.clone());
-                    (call, true)
+                    let answer = Arc::new(watch::Sender::new(None));
+                    in_flight.insert(key.clone(), answer.clone());
+                    Ok(Started {
+                        validations: self,
+                        key,
+                        answer,
+                        removed: false,
+                    })
                 }
             }
         };
-        (call.await, started)
+        match joined {
+            Ok(started) => {
+                let reply = upstream.validate(access_token, account_id).await;
+                started.finish(reply.clone());
+                (reply, true)
+            }
+            Err(mut waiting) => {
+                let reply = match waiting.wait_for(Option::is_some).await {
+                    Ok(answer) => answer.clone().expect("waited for an answer"),
+                    // The request that sent the call went away without an answer.
+                    Err(_) => Reply::Transport("the shared validation call was abandoned".into()),
+                };
+                (reply, false)
+            }
+        }
     }
 }
 
@@ -252,4 +292,100 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::fake_upstream::{AccountSpec, Endpoint, FakeUpstream};
+    use crate::settings::Settings;
+
+    async fn upstream(fake: &FakeUpstream) -> (Upstream, crate::fake_upstream::RunningFake) {
+        let running = fake.start(0).await.expect("fake starts");
+        let mut settings = Settings::from_lookup(|_| None).expect("default settings");
+        settings.chatgpt_base_url = running.base_url.clone();
+        settings.auth_base_url = running.base_url.clone();
+        (Upstream::new(&settings).expect("client"), running)
+    }
+
+    /// Waits until `n` requests wait on the call in flight for `token`.
+    async fn joined(validations: &Validations, token: &Secret, n: usize) {
+        let key = (token.expose().to_owned(), None);
+        let waiting = || {
+            let in_flight = validations.in_flight.lock().unwrap();
+            in_flight.get(&key).map_or(0, |a| a.receiver_count())
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while waiting() < n {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the second request joins the call in flight");
+    }
+
+    #[tokio::test]
+    async fn a_validation_in_flight_is_joined_and_a_finished_one_is_not_reused() {
+        let fake = FakeUpstream::new();
+        let issued = fake.add_account(AccountSpec::new("a@x"));
+        let (upstream, _running) = upstream(&fake).await;
+        let token = Secret::new(issued.access_token);
+        let validations = Validations::default();
+        let gate = fake.hold(Endpoint::Models);
+        let first = tokio::spawn({
+            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
+            async move { v.validate(&u, &t, None).await }
+        });
+        assert!(
+            fake.wait_for_calls(Endpoint::Models, 1, Duration::from_secs(10))
+                .await
+        );
+        let second = tokio::spawn({
+            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
+            async move { v.validate(&u, &t, None).await }
+        });
+        joined(&validations, &token, 1).await;
+        gate.open();
+        let (a, sent_a) = first.await.expect("first");
+        let (b, sent_b) = second.await.expect("second");
+        assert_eq!((sent_a, sent_b), (true, false));
+        assert_eq!(a, b);
+        assert!(matches!(&a, Reply::Http(r) if r.status == 200), "{a:?}");
+        assert_eq!(fake.count(Endpoint::Models), 1);
+        assert!(validations.in_flight.lock().unwrap().is_empty());
+        // Finished: the next request sends a call of its own.
+        let (_, sent) = validations.validate(&upstream, &token, None).await;
+        assert!(sent);
+        assert_eq!(fake.count(Endpoint::Models), 2);
+    }
+
+    #[tokio::test]
+    async fn waiters_on_an_abandoned_validation_get_a_transient_answer() {
+        let fake = FakeUpstream::new();
+        let issued = fake.add_account(AccountSpec::new("a@x"));
+        let (upstream, _running) = upstream(&fake).await;
+        let token = Secret::new(issued.access_token);
+        let validations = Validations::default();
+        let _gate = fake.hold(Endpoint::Models);
+        let first = tokio::spawn({
+            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
+            async move { v.validate(&u, &t, None).await }
+        });
+        assert!(
+            fake.wait_for_calls(Endpoint::Models, 1, Duration::from_secs(10))
+                .await
+        );
+        let second = tokio::spawn({
+            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
+            async move { v.validate(&u, &t, None).await }
+        });
+        joined(&validations, &token, 1).await;
+        first.abort();
+        let (reply, sent) = second.await.expect("second");
+        assert!(!sent);
+        assert!(matches!(reply, Reply::Transport(_)), "{reply:?}");
+        assert!(validations.in_flight.lock().unwrap().is_empty());
+    }
 }
