@@ -69,6 +69,8 @@ struct Row {
     load: Load,
     upstream_per_token: f64,
     writes_per_token: Option<f64>,
+    /// CPU time gibby's threads spent per `/token`, from the kernel's scheduler statistics.
+    cpu_per_token: Option<Duration>,
     peak_rss_kib: Option<u64>,
 }
 
@@ -91,7 +93,23 @@ fn main() {
 async fn run() {
     let fake = FakeUpstream::new();
     fake.set_token_lifetime(30 * 86_400);
-    let upstream = fake.start(0).await.expect("fake upstream starts");
+    // The fake stands for a distant host: it runs on a runtime and thread of its own, so
+    // a direct call crosses threads as gibby's calls cross processes, and neither shares a
+    // worker thread with the server it calls.
+    let fake_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fake-upstream")
+        .enable_all()
+        .build()
+        .expect("fake upstream runtime");
+    let upstream = {
+        let fake = fake.clone();
+        fake_runtime
+            .spawn(async move { fake.start(0).await })
+            .await
+            .expect("fake upstream task")
+            .expect("fake upstream starts")
+    };
     let client = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(128)
@@ -123,6 +141,7 @@ async fn run() {
                 load,
                 upstream_per_token: per,
                 writes_per_token: None,
+                cpu_per_token: None,
                 peak_rss_kib: None,
             });
         }
@@ -140,6 +159,7 @@ async fn run() {
                 let calls = upstream_calls(&fake);
                 let writes = gibby.writes.load(Ordering::SeqCst);
                 let logged = gibby.logged.load(Ordering::SeqCst);
+                let cpu = gibby.cpu_time();
                 let load = drive(&client, &token, clients, requests(latency_ms, clients)).await;
                 gibby.wait_for_log_lines(logged + load.requests + WARM_UP);
                 let per = (upstream_calls(&fake) - calls) as f64 / (load.requests + WARM_UP) as f64;
@@ -147,6 +167,7 @@ async fn run() {
                 // write shows.
                 let wrote = gibby.writes.load(Ordering::SeqCst) - writes;
                 let writes_per_token = wrote as f64 / (load.requests + WARM_UP) as f64;
+                let cpu_per_token = (gibby.cpu_time() - cpu) / (load.requests + WARM_UP) as u32;
                 rows.push(Row {
                     target: Target::Gibby(size),
                     latency_ms,
@@ -154,6 +175,7 @@ async fn run() {
                     load,
                     upstream_per_token: per,
                     writes_per_token: Some(writes_per_token),
+                    cpu_per_token: Some(cpu_per_token),
                     peak_rss_kib: gibby.peak_rss_kib(),
                 });
             }
@@ -161,7 +183,11 @@ async fn run() {
         drop(gibby);
     }
     fake.set_latency(Duration::ZERO);
-    upstream.shutdown().await;
+    fake_runtime
+        .spawn(upstream.shutdown())
+        .await
+        .expect("fake upstream stops");
+    fake_runtime.shutdown_background();
     print_report(&rows);
 }
 
@@ -342,6 +368,20 @@ impl Gibby {
         }
     }
 
+    /// CPU time all of gibby's threads have run so far (`/proc/<pid>/task/*/schedstat`,
+    /// nanoseconds; a thread that has ended is not counted, and gibby's are long-lived).
+    fn cpu_time(&self) -> Duration {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let nanos: u64 = fs_err::read_dir(&tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| fs_err::read_to_string(task.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        Duration::from_nanos(nanos)
+    }
+
     /// `VmHWM`: the peak resident set of the process so far.
     fn peak_rss_kib(&self) -> Option<u64> {
         let status = fs_err::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
@@ -398,7 +438,7 @@ fn print_report(rows: &[Row]) {
     );
     println!();
     println!(
-        "{:<18} {:>8} {:>7} {:>8} {:>5} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "{:<18} {:>8} {:>7} {:>8} {:>5} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>9}",
         "target",
         "upstream",
         "clients",
@@ -409,6 +449,7 @@ fn print_report(rows: &[Row]) {
         "p99",
         "calls/tok",
         "writes/tok",
+        "CPU/tok",
         "peak RSS"
     );
     for r in rows {
@@ -417,7 +458,7 @@ fn print_report(rows: &[Row]) {
             Target::Gibby(n) => format!("gibby {n} accounts"),
         };
         println!(
-            "{:<18} {:>6}ms {:>7} {:>8} {:>5} {:>9.0} {:>9} {:>9} {:>10.3} {:>10} {:>9}",
+            "{:<18} {:>6}ms {:>7} {:>8} {:>5} {:>9.0} {:>9} {:>9} {:>10.3} {:>10} {:>8} {:>9}",
             target,
             r.latency_ms,
             r.clients,
@@ -428,6 +469,7 @@ fn print_report(rows: &[Row]) {
             micros(r.load.p99),
             r.upstream_per_token,
             r.writes_per_token.map_or("-".into(), |w| format!("{w:.3}")),
+            r.cpu_per_token.map_or("-".into(), micros),
             r.peak_rss_kib
                 .map_or("-".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
         );
