@@ -186,4 +186,6 @@ async fn sigterm_finishes_requests_in_flight() {
         line.contains("a@example.com") && line.contains("off@example.com: disabled"),
         "{line}"
     );
+    // Every other account is accounted for too: here none is left over.
+    assert!(line.contains("others=none"), "{line}");
 }

@@ -23,7 +23,7 @@ pub mod verdict;
 pub mod wire;
 
 pub use effect::{Effect, Event, FileRead, FileText, HttpReply, Reply, StateFile, WriteResult};
-pub use request::{Outcome, ParseMemo, PassOver, TokenRequest};
+pub use request::{Others, Outcome, ParseMemo, PassOver, TokenRequest};
 pub use stage::{Reason, TokenAnswer};
 
 #[cfg(test)]

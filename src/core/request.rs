@@ -25,13 +25,25 @@ pub struct PassOver {
     pub reason: Reason,
 }
 
+/// Why the accounts that were neither chosen nor passed over were not chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Others {
+    /// The active account was usable: these many others were not looked at.
+    NotNeeded(usize),
+    /// Usable too, but ranked below the chosen one (lower 5-hour usage, or the same and
+    /// later in the file), in file order.
+    RankedLower(Vec<String>),
+}
+
 /// How the request ends.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
-    /// Every account that was not chosen is in `passed_over` when it was looked at.
+    /// Every account that was not chosen is in `passed_over` when it was looked at, or
+    /// accounted for by `others`.
     Token {
         answer: TokenAnswer,
         passed_over: Vec<PassOver>,
+        others: Others,
     },
     NoUsableAccount {
         passed_over: Vec<PassOver>,
@@ -302,9 +314,11 @@ impl TokenRequest {
                     ValidationAnswer::Valid(validated) => {
                         let answer = validated.into_answer();
                         let passed_over = std::mem::take(&mut self.passed_over);
+                        let others = self.others(answer.email());
                         self.finish(Outcome::Token {
                             answer,
                             passed_over,
+                            others,
                         })
                     }
                     ValidationAnswer::Failed(failed) => {
@@ -379,6 +393,21 @@ impl TokenRequest {
         self.view
             .as_ref()
             .expect("selection runs after the first read")
+    }
+
+    /// The accounts still in the running that were not chosen (the log line names them).
+    fn others(&self, chosen: &str) -> Others {
+        let view = &self.view().accounts;
+        let others = view
+            .accounts
+            .iter()
+            .filter(|a| a.email != chosen && !self.excluded.contains(&a.email))
+            .map(|a| a.email.clone());
+        if view.active_account.as_deref() == Some(chosen) {
+            Others::NotNeeded(others.count())
+        } else {
+            Others::RankedLower(others.collect())
+        }
     }
 
     fn pass_over(&mut self, email: &str, reason: Reason) {

@@ -186,6 +186,38 @@ fn served(outcome: &Outcome) -> &str {
     }
 }
 
+fn others(outcome: &Outcome) -> &Others {
+    match outcome {
+        Outcome::Token { others, .. } => others,
+        other => panic!("no token: {other:?}"),
+    }
+}
+
+#[test]
+fn the_answer_accounts_for_every_account_not_chosen() {
+    // Active and usable: the others were not looked at.
+    let mut world = World::new(&pool(
+        Some("b"),
+        vec![account("a", 10), account("b", 50), account("c", 90)],
+    ));
+    let outcome = world.run(&mut |_| models());
+    assert_eq!(others(&outcome), &Others::NotNeeded(2));
+
+    // Fallback: the usable ones not chosen, in file order; the passed-over one is not here.
+    let mut off = account("off", 80);
+    off.disabled = true;
+    let mut world = World::new(&pool(
+        None,
+        vec![account("a", 10), off, account("b", 50), account("c", 30)],
+    ));
+    let outcome = world.run(&mut |_| models());
+    assert_eq!(served(&outcome), "b");
+    assert_eq!(
+        others(&outcome),
+        &Others::RankedLower(vec!["a".into(), "c".into()])
+    );
+}
+
 #[test]
 fn steady_state_reads_validates_and_writes_nothing() {
     let mut world = World::new(&pool(Some("a"), vec![account("a", 10), account("b", 50)]));

@@ -10,7 +10,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 
-use crate::core::{Outcome, PassOver};
+use crate::core::{Others, Outcome, PassOver};
 use crate::io::{Live, LiveError};
 
 #[derive(Clone, Debug)]
@@ -73,10 +73,12 @@ async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Resp
         Outcome::Token {
             answer,
             passed_over,
+            others,
         } => {
             tracing::info!(
                 account = answer.email(),
                 passed_over = %describe(&passed_over),
+                others = %describe_others(&others),
                 upstream_calls = finished.upstream_calls,
                 writes = finished.writes,
                 "token served"
@@ -116,6 +118,24 @@ fn describe(passed_over: &[PassOver]) -> String {
         .map(|p| format!("{}: {}", p.email, p.reason))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// The accounts neither chosen nor passed over, for the log line: a count when they were
+/// not looked at, else their emails (the first few of a long list).
+fn describe_others(others: &Others) -> String {
+    const NAMED: usize = 10;
+    match others {
+        Others::NotNeeded(0) => "none".into(),
+        Others::RankedLower(emails) if emails.is_empty() => "none".into(),
+        Others::NotNeeded(n) => format!("{n} not looked at: the active account was usable"),
+        Others::RankedLower(emails) => {
+            let mut text = emails[..emails.len().min(NAMED)].join(", ");
+            if emails.len() > NAMED {
+                text += &format!(" and {} more", emails.len() - NAMED);
+            }
+            format!("usable but ranked lower (5-hour usage, then file order): {text}")
+        }
+    }
 }
 
 fn no_store(response: &mut Response) {
