@@ -24,9 +24,34 @@ struct Cli {
     command: Command,
 }
 
+fn settings_help() -> String {
+    format!(
+        "\
+Settings (environment; a value that does not parse stops gibby with exit code 2):
+  GIBBY_DATA_DIR                   folder of accounts.json and failed.json [default: ./data]
+  GIBBY_LISTEN                     address to bind [default: 127.0.0.1:8080]
+  GIBBY_EXHAUSTED_USAGE_THRESHOLD  5-hour window exhausted at or above this percent [default: 95]
+  GIBBY_USAGE_STALE_SECONDS        usage older than this is fetched again [default: 3600]
+  GIBBY_API_KEY                    when set, /token requires Authorization: Bearer <key>
+  GIBBY_CHATGPT_BASE_URL           base of the usage and validation calls [default: https://chatgpt.com]
+  GIBBY_AUTH_BASE_URL              base of the token refresh call [default: https://auth.openai.com]
+  GIBBY_CODEX_CLIENT_VERSION       client_version sent on validation [default: {version}]
+  GIBBY_UPSTREAM_TIMEOUT_SECONDS   per upstream call [default: 10]
+  GIBBY_RECORD_DIR                 when set, each /token is recorded there as a scenario
+  RUST_LOG                         log level [default: info]",
+        version = gibby::settings::DEFAULT_CODEX_CLIENT_VERSION
+    )
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve GET /token and GET /health (settings from the GIBBY_* environment variables).
+    #[command(long_about = "Serve GET /token and GET /health.\n\n\
+        Every /token reads $GIBBY_DATA_DIR/accounts.json afresh, picks an account with quota \
+        (the active one first), refreshes its usage and token when stale, checks the token \
+        upstream and answers {email, access_token, account_id, expires_at}; 503 with the \
+        reasons when no account is usable. SIGTERM or ctrl-c finishes the requests in flight.",
+        after_help = settings_help())]
     Serve,
     /// Serve a ready demo: an in-process fake upstream and a generated pool.
     ///
