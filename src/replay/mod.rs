@@ -574,6 +574,7 @@ fn describe_outcome(outcome: &Outcome) -> String {
         Outcome::Token {
             answer,
             passed_over,
+            ..
         } => {
             let claims = Claims::of(answer.access_token().expose());
             let mut text = format!(
