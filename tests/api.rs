@@ -906,3 +906,45 @@ async fn concurrent_requests_share_a_validation_in_flight() {
     );
     h.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Import
+
+/// A Codex login whose access token has already expired (the refresh token still works)
+/// is due at once after `gibby import`: the first `/token` refreshes it and serves the new
+/// token, instead of sending the expired one and taking the 401 for a dead account.
+#[tokio::test]
+async fn an_imported_login_with_an_expired_access_token_is_refreshed_not_moved() {
+    let h = Harness::start().await;
+    h.fake.set_now(Some(NOW - 11 * 86_400));
+    let old = h
+        .fake
+        .add_account(gibby::fake_upstream::AccountSpec::new("old@example.com"));
+    h.fake.set_now(Some(NOW));
+    assert!(
+        old.expires_at < NOW,
+        "the imported access token has expired"
+    );
+    let auth = json!({
+        "auth_mode": "chatgpt",
+        "OPENAI_API_KEY": null,
+        "tokens": {"id_token": old.id_token, "access_token": old.access_token,
+                   "refresh_token": old.refresh_token, "account_id": old.account_id},
+        "last_refresh": "2026-11-20T00:00:00Z"
+    });
+    let imported = gibby::cmd::import::parse_auth(&auth.to_string(), "auth.json", NOW).unwrap();
+    let store = gibby::io::Store::new(h.dir.path());
+    gibby::cmd::import::run(&store, &imported).await.unwrap();
+
+    let answer = h.token().await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.body["email"], "old@example.com");
+    assert_ne!(answer.body["access_token"], old.access_token.as_str());
+    assert_eq!(h.fake.count(Endpoint::Refresh), 1);
+    assert_eq!(h.read_text("failed.json"), None, "nothing was moved");
+    let stored = h.accounts();
+    assert_eq!(
+        stored.accounts[0].access_token.expose(),
+        answer.body["access_token"]
+    );
+}

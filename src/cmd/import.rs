@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::core::wire::next_refresh_at;
+use crate::core::wire::imported_refresh_at;
 use crate::core::{FileRead, StateFile, WriteResult};
 use crate::io::Store;
 use crate::model::{Account, AccountsFile, Claims, Secret};
@@ -52,7 +52,7 @@ pub fn parse_auth(text: &str, source: &str, now: i64) -> Result<Imported, String
         .ok_or_else(|| format!("{source}: cannot tell the account's email: neither tokens.id_token nor tokens.access_token carries one"))?;
     Ok(Imported {
         email,
-        token_refresh_at: next_refresh_at(&access_token, None, now),
+        token_refresh_at: imported_refresh_at(&access_token, now),
         access_token: Secret::new(access_token),
         refresh_token: Secret::new(tokens.refresh_token.unwrap_or_default()),
     })

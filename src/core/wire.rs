@@ -127,6 +127,20 @@ pub fn next_refresh_at(access_token: &str, expires_in: Option<i64>, now: i64) ->
     (ends - margin).max(now + MIN_REFRESH_DELAY)
 }
 
+/// When a token imported from a Codex login (not just issued: it may be days old, or
+/// already expired) is due: a day (at most half its lifetime, from `iat`) before its `exp`,
+/// which may be in the past, so an expired token is refreshed on first use instead of
+/// being rejected upstream as if it were dead. Without a readable `exp` its age is unknown,
+/// so it is due now.
+pub fn imported_refresh_at(access_token: &str, now: i64) -> i64 {
+    let claims = Claims::of(access_token);
+    let Some(ends) = claims.exp else {
+        return now;
+    };
+    let lifetime = ends - claims.iat.unwrap_or(now);
+    ends - MAX_SAFETY_MARGIN.min(lifetime.max(0) / 2)
+}
+
 /// A 200 from validation counts only with a `models` array.
 pub fn models_listed(body: &str) -> bool {
     serde_json::from_str::<Value>(body)
@@ -222,6 +236,31 @@ mod tests {
         let payload =
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"exp": {exp}}}"#));
         format!("h.{payload}.s")
+    }
+
+    #[test]
+    fn imported_token_schedule() {
+        let day = 86_400;
+        let token = |exp: i64, iat: i64| {
+            let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(format!(r#"{{"exp": {exp}, "iat": {iat}}}"#));
+            format!("h.{payload}.s")
+        };
+        // A 10-day token issued 3 days ago: a day before it ends.
+        assert_eq!(
+            imported_refresh_at(&token(NOW + 7 * day, NOW - 3 * day), NOW),
+            NOW + 6 * day
+        );
+        // Expired an hour ago: already due (no minute's grace as for a fresh token).
+        let expired = imported_refresh_at(&token(NOW - 3600, NOW - 10 * day), NOW);
+        assert!(expired <= NOW, "{expired}");
+        // A 1-hour token: half its life before the end.
+        assert_eq!(
+            imported_refresh_at(&token(NOW + 600, NOW - 3000), NOW),
+            NOW + 600 - 1800
+        );
+        // No exp: its age is unknown, so it is due now.
+        assert_eq!(imported_refresh_at("opaque", NOW), NOW);
     }
 
     #[test]
