@@ -8,6 +8,48 @@ use crate::io::store::atomic_write;
 use crate::model::{Account, AccountsFile, Secret, Usage};
 use crate::settings::Settings;
 
+/// The domain of every demo account: a folder whose files hold any other account is not
+/// the demo's, and the demo will not replace it.
+const DEMO_DOMAIN: &str = "@demo.invalid";
+
+/// Refuses a folder whose accounts.json or failed.json is not a demo pool: the demo
+/// replaces both on every start, and `--data-dir` pointed at a real pool must not cost it.
+fn refuse_foreign_pool(dir: &Path) -> Result<(), String> {
+    use crate::core::{FileRead, StateFile};
+    use crate::model::FailedFile;
+    let store = crate::io::Store::new(dir);
+    for file in [StateFile::Accounts, StateFile::Failed] {
+        let path = dir.join(file.name());
+        let text = match store.read(file) {
+            FileRead::Missing => continue,
+            FileRead::Text(text) => text,
+            FileRead::Unreadable(e) => {
+                return Err(format!("{}: {e}; the demo leaves it alone", path.display()))
+            }
+        };
+        let emails: Result<Vec<String>, String> = match file {
+            StateFile::Accounts => AccountsFile::parse(&text)
+                .map(|f| f.accounts.into_iter().map(|a| a.email).collect())
+                .map_err(|e| e.to_string()),
+            StateFile::Failed => FailedFile::parse(&text)
+                .map(|f| f.accounts.into_iter().map(|a| a.email).collect())
+                .map_err(|e| e.to_string()),
+        };
+        let foreign = match emails {
+            Ok(emails) => emails.into_iter().find(|e| !e.ends_with(DEMO_DOMAIN)),
+            Err(e) => Some(format!("a file that does not parse ({e})")),
+        };
+        if let Some(what) = foreign {
+            return Err(format!(
+                "{} holds {what}, not a demo account: the demo replaces this folder's files \
+                 on every start, so it refuses; pass another --data-dir",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Writes a pool of four demo accounts whose tokens the fake upstream knows:
 /// the active one with fresh usage, one never checked, one due for a token refresh,
 /// and one disabled.
@@ -15,7 +57,7 @@ pub fn write_pool(fake: &FakeUpstream, dir: &Path, now: i64) -> std::io::Result<
     fs_err::create_dir_all(dir)?;
     let mut accounts = Vec::new();
     for (i, name) in ["alice", "bob", "carol", "dave"].into_iter().enumerate() {
-        let email = format!("{name}@demo.invalid");
+        let email = format!("{name}{DEMO_DOMAIN}");
         let issued = fake.add_account(AccountSpec {
             primary: Some(Window::five_hour(10 * (i as i64 + 1))),
             ..AccountSpec::new(&email)
@@ -45,7 +87,7 @@ pub fn write_pool(fake: &FakeUpstream, dir: &Path, now: i64) -> std::io::Result<
         });
     }
     let file = AccountsFile {
-        active_account: Some("alice@demo.invalid".into()),
+        active_account: Some(format!("alice{DEMO_DOMAIN}")),
         accounts,
     };
     atomic_write(
@@ -60,6 +102,7 @@ pub fn write_pool(fake: &FakeUpstream, dir: &Path, now: i64) -> std::io::Result<
 }
 
 pub async fn run(mut settings: Settings, dir: &Path) -> Result<(), String> {
+    refuse_foreign_pool(dir)?;
     let fake = FakeUpstream::new();
     let running = fake
         .start(0)
@@ -77,4 +120,40 @@ pub async fn run(mut settings: Settings, dir: &Path) -> Result<(), String> {
     settings.chatgpt_base_url = running.base_url.clone();
     settings.auth_base_url = running.base_url.clone();
     crate::serve::run(settings).await
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // the test plays the operator editing files
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_replaces_only_its_own_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        // Empty folder, then its own pool: fine.
+        assert_eq!(refuse_foreign_pool(dir.path()), Ok(()));
+        write_pool(&FakeUpstream::new(), dir.path(), 1_800_000_000).unwrap();
+        assert_eq!(refuse_foreign_pool(dir.path()), Ok(()));
+        // A real account, in either file, or a file that does not parse: refused, untouched.
+        let accounts = dir.path().join(crate::model::ACCOUNTS_FILE);
+        let text = fs_err::read_to_string(&accounts).unwrap();
+        let real = text.replacen("bob@demo.invalid", "bob@example.com", 1);
+        fs_err::write(&accounts, &real).unwrap();
+        let refused = refuse_foreign_pool(dir.path()).unwrap_err();
+        assert!(refused.contains("bob@example.com"), "{refused}");
+        assert!(refused.contains("accounts.json"), "{refused}");
+        fs_err::write(&accounts, "{").unwrap();
+        assert!(refuse_foreign_pool(dir.path())
+            .unwrap_err()
+            .contains("does not parse"));
+        fs_err::write(&accounts, &text).unwrap();
+        let failed = dir.path().join(crate::model::FAILED_FILE);
+        fs_err::write(
+            &failed,
+            real.replace("\"active_account\": \"alice@demo.invalid\",\n", ""),
+        )
+        .unwrap();
+        let refused = refuse_foreign_pool(dir.path()).unwrap_err();
+        assert!(refused.contains("failed.json"), "{refused}");
+    }
 }
