@@ -94,11 +94,18 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = match std::env::var("RUST_LOG") {
+        Err(_) => tracing_subscriber::EnvFilter::new("info"),
+        Ok(value) => match tracing_subscriber::EnvFilter::try_new(&value) {
+            Ok(filter) => filter,
+            Err(e) => {
+                eprintln!("gibby: bad setting: RUST_LOG={value:?}: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     if let Command::Replay { scenario } = &cli.command {

@@ -158,7 +158,15 @@ impl Var {
             Some(host)
                 if !host.is_empty() && !host.starts_with('/') && !v.contains(['?', '#', ' ']) =>
             {
-                Ok(v.trim_end_matches('/').to_owned())
+                // The whole URL must parse too (a port over 65535, an empty host, a
+                // user name): such a value would only fail later, on every call.
+                match reqwest::Url::parse(v) {
+                    Ok(url) if url.has_host() && url.username().is_empty() => {
+                        Ok(v.trim_end_matches('/').to_owned())
+                    }
+                    Ok(_) => Err(self.error("must name a host, with no user name or password")),
+                    Err(e) => Err(self.error(&format!("is not a URL: {e}"))),
+                }
             }
             _ => Err(self.error("must be an http:// or https:// URL such as https://chatgpt.com")),
         }
@@ -205,6 +213,10 @@ mod tests {
             ("GIBBY_API_KEY", ""),
             ("GIBBY_CHATGPT_BASE_URL", "chatgpt.com"),
             ("GIBBY_AUTH_BASE_URL", "ftp://x"),
+            ("GIBBY_CHATGPT_BASE_URL", "http://127.0.0.1:99999"),
+            ("GIBBY_CHATGPT_BASE_URL", "http://:80"),
+            ("GIBBY_AUTH_BASE_URL", "http://a@b"),
+            ("GIBBY_AUTH_BASE_URL", "https://user:pw@auth.example"),
             ("GIBBY_CODEX_CLIENT_VERSION", "1 2"),
             ("GIBBY_UPSTREAM_TIMEOUT_SECONDS", "0"),
             ("GIBBY_UPSTREAM_TIMEOUT_SECONDS", "ten"),

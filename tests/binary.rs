@@ -72,6 +72,8 @@ fn a_bad_setting_stops_startup() {
         ("GIBBY_EXHAUSTED_USAGE_THRESHOLD", "lots"),
         ("GIBBY_LISTEN", "nowhere"),
         ("GIBBY_UPSTREAM_TIMEOUT_SECONDS", "-3"),
+        ("GIBBY_CHATGPT_BASE_URL", "http://127.0.0.1:99999"),
+        ("RUST_LOG", "gibby=["),
     ] {
         let output = gibby().arg("serve").env(variable, value).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{variable}");
@@ -90,9 +92,37 @@ fn command_line_usage() {
         gibby().arg("bogus").output().unwrap().status.code(),
         Some(2)
     );
-    for sub in [&["--help"][..], &["serve", "--help"], &["demo", "--help"]] {
+    for sub in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["demo", "--help"],
+        &["status", "--help"],
+        &["check", "--help"],
+        &["import", "--help"],
+        &["replay", "--help"],
+    ] {
         let output = gibby().args(sub).output().unwrap();
         assert_eq!(output.status.code(), Some(0), "{sub:?}");
+    }
+    // serve --help lists every setting.
+    let help = gibby().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for variable in [
+        "GIBBY_DATA_DIR",
+        "GIBBY_LISTEN",
+        "GIBBY_EXHAUSTED_USAGE_THRESHOLD",
+        "GIBBY_USAGE_STALE_SECONDS",
+        "GIBBY_API_KEY",
+        "GIBBY_CHATGPT_BASE_URL",
+        "GIBBY_AUTH_BASE_URL",
+        "GIBBY_CODEX_CLIENT_VERSION",
+        "GIBBY_UPSTREAM_TIMEOUT_SECONDS",
+        "GIBBY_RECORD_DIR",
+    ] {
+        assert!(
+            help.contains(variable),
+            "{variable} missing from serve --help"
+        );
     }
 }
 
