@@ -19,7 +19,8 @@ async fn get_with(
     (status, headers, response.text().await.unwrap())
 }
 
-/// With GIBBY_API_KEY set, /token needs exactly `Authorization: Bearer <key>`; /health does not.
+/// With GIBBY_API_KEY set, /token needs exactly `Authorization: Bearer <key>` (the scheme in
+/// any case); /health does not.
 #[tokio::test]
 async fn api_key_is_required_when_set() {
     let h = Harness::start_with(|s| s.api_key = Some("s3cret-key".into())).await;
@@ -41,6 +42,9 @@ async fn api_key_is_required_when_set() {
     }
     assert_eq!(h.fake.calls().len(), 0, "no upstream call without the key");
     let (status, _, _) = get_with(&h, "/token", &[("authorization", "Bearer s3cret-key")]).await;
+    assert_eq!(status, 200);
+    // The scheme is case-insensitive.
+    let (status, _, _) = get_with(&h, "/token", &[("authorization", "bearer s3cret-key")]).await;
     assert_eq!(status, 200);
     let (status, _, body) = get_with(&h, "/health", &[]).await;
     assert_eq!((status, body.as_str()), (200, "ok"));

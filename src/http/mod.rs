@@ -44,8 +44,10 @@ async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Resp
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+            .and_then(|v| v.split_once(' '))
+            // The scheme is case-insensitive (RFC 9110 section 11.1).
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, key)| key.trim_start_matches(' '));
         if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
             return Err(AppError::Unauthorized);
         }
