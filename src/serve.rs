@@ -12,7 +12,11 @@ pub fn state(settings: &Settings) -> Result<AppState, String> {
         Upstream::new(settings).map_err(|e| format!("cannot build the HTTP client: {e}"))?;
     Ok(AppState {
         live: Arc::new(Live {
-            store: Store::new(&settings.data_dir),
+            // Long enough for another writer's refresh call, whatever the upstream timeout.
+            store: Store::new(&settings.data_dir).with_lock_timeout(
+                crate::io::store::DEFAULT_LOCK_TIMEOUT
+                    .max(settings.upstream_timeout * 2 + std::time::Duration::from_secs(5)),
+            ),
             upstream,
             policy: settings.policy,
             clock: crate::io::live::system_clock(),

@@ -9,10 +9,17 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::core::{FileRead, ParseMemo, StateFile, WriteResult};
 
 pub const LOCK_FILE: &str = ".gibby.lock";
+
+/// How long a writer waits for the lock before it gives up. Another writer holds it at
+/// most across one refresh call (bounded by the upstream timeout) and a few writes.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+/// After this long a waiting writer says in the log whom it is waiting for.
+const LOCK_WAIT_WARNING: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 pub struct Store {
@@ -23,6 +30,7 @@ pub struct Store {
     /// same shared text (and the core can reuse its parse) without holding a second copy.
     last: Arc<std::sync::Mutex<[Option<Arc<str>>; 2]>>,
     memo: Arc<ParseMemo>,
+    lock_timeout: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -47,7 +55,14 @@ impl Store {
             local: Arc::new(tokio::sync::Mutex::new(())),
             last: Arc::default(),
             memo: Arc::default(),
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
         }
+    }
+
+    /// Waits at most `timeout` for the lock (see [`lock`](Self::lock)).
+    pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
     }
 
     /// Where requests of this store share the parse of unchanged accounts.json bytes.
@@ -86,36 +101,57 @@ impl Store {
         read
     }
 
-    /// Takes the exclusive write lock, waiting for other writers.
+    /// Takes the exclusive write lock, waiting for other writers: past a second it says so
+    /// in the log, and past the lock timeout it gives up with [`std::io::ErrorKind::TimedOut`]
+    /// (a helper that hangs holding the lock must not hang gibby). The wait polls a
+    /// non-blocking `flock`, so a waiter holds no thread and can be dropped.
     pub async fn lock(&self) -> std::io::Result<LockGuard> {
         let local = self.local.clone().lock_owned().await;
         let path = self.dir.join(LOCK_FILE);
-        let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(&path)?;
-            // SAFETY: flock on a descriptor we own; it is released when the file closes.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(std::io::Error::last_os_error());
+        let file = open_lock_file(&path)?;
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        let mut warned = false;
+        while !try_flock(&file)? {
+            let waited = started.elapsed();
+            if waited >= self.lock_timeout {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "{} has been held by another writer for {} s",
+                        path.display(),
+                        waited.as_secs()
+                    ),
+                ));
             }
-            remove_abandoned_temporaries(path.parent().unwrap_or(Path::new(".")));
-            Ok(file)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+            if waited >= LOCK_WAIT_WARNING && !std::mem::replace(&mut warned, true) {
+                tracing::warn!(
+                    "waiting for {}: another writer holds it (at most {} s)",
+                    path.display(),
+                    self.lock_timeout.as_secs()
+                );
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+        remove_abandoned_temporaries(&self.dir);
         Ok(LockGuard {
             _file: file,
             _local: local,
         })
     }
 
-    /// Takes the lock once and lets it go: what a writer killed in the middle of a write
-    /// left behind is removed. `serve` does this at startup.
-    pub async fn recover(&self) -> std::io::Result<()> {
-        self.lock().await.map(drop)
+    /// Takes the lock only if it is free at once and lets it go: what a writer killed in
+    /// the middle of a write left behind is removed. `serve` does this at startup; when
+    /// another writer holds the lock, that writer (or the next one) cleans up instead.
+    pub async fn recover(&self) -> std::io::Result<bool> {
+        let _local = self.local.lock().await;
+        let file = open_lock_file(&self.dir.join(LOCK_FILE))?;
+        let free = try_flock(&file)?;
+        if free {
+            remove_abandoned_temporaries(&self.dir);
+        }
+        Ok(free)
     }
 
     /// Replaces `file` with `content` if it still holds `expected`. Call with the lock held.
@@ -128,6 +164,29 @@ impl Store {
             Ok(()) => WriteResult::Done,
             Err(e) => WriteResult::Failed(e.to_string()),
         }
+    }
+}
+
+fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+/// Takes the `flock` if it is free; `false` when another writer holds it.
+fn try_flock(file: &std::fs::File) -> std::io::Result<bool> {
+    // SAFETY: flock on a descriptor we own; it is released when the file closes.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) | Some(libc::EINTR) => Ok(false),
+        _ => Err(e),
     }
 }
 
@@ -212,7 +271,17 @@ fn not_utf8(bytes: &[u8], valid_up_to: usize) -> String {
 /// Writes a temporary file beside `path` (created 0600), fsyncs it, renames it over
 /// `path` and fsyncs the directory. On any failure the temporary file is removed and
 /// `path` is untouched.
+///
+/// A `path` that is a symbolic link is written through: its target is replaced, and the
+/// link stays (an operator who keeps the pool elsewhere and links it in keeps one copy).
 pub fn atomic_write(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let resolved;
+    let path = if fs_err::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        resolved = fs_err::canonicalize(path)?;
+        resolved.as_path()
+    } else {
+        path
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -237,6 +306,41 @@ pub fn atomic_write(path: &Path, content: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_symlinked_state_file_is_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = elsewhere.path().join("pool.json");
+        std::fs::write(&target, "old").unwrap();
+        let link = dir.path().join("accounts.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        atomic_write(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_writer_holding_the_lock_makes_a_waiter_time_out_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = Store::new(dir.path());
+        let _held = holder.lock().await.unwrap();
+        // Another process's lock: a second Store has its own in-process queue, and flock
+        // locks of two open files exclude each other even within one process.
+        let waiter = Store::new(dir.path()).with_lock_timeout(Duration::from_millis(200));
+        let err = waiter.lock().await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains(".gibby.lock"), "{err}");
+        assert!(!waiter.recover().await.unwrap(), "recover does not wait");
+        drop(_held);
+        assert!(waiter.lock().await.is_ok());
+        assert!(waiter.recover().await.unwrap());
+    }
 
     #[test]
     fn a_read_sees_every_changed_byte_even_when_the_size_stays() {
