@@ -177,6 +177,10 @@ impl Live {
                 tracing::debug!(?effect, "effect");
                 step += 1;
                 let event = match &effect {
+                    Effect::ReadFiles if lock.is_none() => Event::FilesRead {
+                        accounts: self.store.read_unlocked(StateFile::Accounts),
+                        failed: self.store.read_unlocked(StateFile::Failed),
+                    },
                     Effect::ReadFiles => Event::FilesRead {
                         accounts: self.store.read(StateFile::Accounts),
                         failed: self.store.read(StateFile::Failed),

@@ -26,11 +26,13 @@ pub struct Store {
     dir: PathBuf,
     /// Requests of this process queue here first, so only one thread waits in `flock`.
     local: Arc<tokio::sync::Mutex<()>>,
-    /// The text of each file as last read, so that a read of unchanged bytes hands out the
-    /// same shared text (and the core can reuse its parse) without holding a second copy.
-    last: Arc<std::sync::Mutex<[Option<Arc<str>>; 2]>>,
+    /// Each file as last read, so that a read of unchanged bytes hands out the same shared
+    /// text (and the core can reuse its parse) without holding a second copy.
+    last: Arc<std::sync::Mutex<[Option<Seen>; 2]>>,
     memo: Arc<ParseMemo>,
     lock_timeout: Duration,
+    /// How long ago a file must have last changed for a read to trust its stamp ([`Seen`]).
+    settle: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -56,7 +58,15 @@ impl Store {
             last: Arc::default(),
             memo: Arc::default(),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            settle: SETTLE,
         }
+    }
+
+    /// Trusts the stamp of files that last changed `settle` before a read (tests only: the
+    /// default is [`SETTLE`]).
+    pub fn with_settle(mut self, settle: Duration) -> Self {
+        self.settle = settle;
+        self
     }
 
     /// Waits at most `timeout` for the lock (see [`lock`](Self::lock)).
@@ -78,27 +88,32 @@ impl Store {
         self.dir.join(file.name())
     }
 
-    /// The file as it is now. Every byte is read each time; when they are the bytes of the
-    /// last read, the text of that read is handed out again.
+    /// The file as it is now, every byte read. When they are the bytes of the last read,
+    /// the text of that read is handed out again (the core then reuses its parse). Reads
+    /// under the lock use this.
     pub fn read(&self, file: StateFile) -> FileRead {
+        let last = self.slot(file).map(|seen| seen.text);
+        let (read, seen) = read_stamped(&self.path(file), self.settle, last.as_ref());
+        self.last.lock().unwrap_or_else(|e| e.into_inner())[file as usize] = seen;
+        read
+    }
+
+    /// The file as it is now, for a read outside the lock (the first read of every
+    /// `/token`). When the file is the very one the last read saw, not changed since, and
+    /// that read found it settled (see [`Seen`]), its text is handed out without reading
+    /// the bytes again: one `stat` instead of a read of the whole pool.
+    pub fn read_unlocked(&self, file: StateFile) -> FileRead {
         let path = self.path(file);
-        let slot = match file {
-            StateFile::Accounts => 0,
-            StateFile::Failed => 1,
-        };
-        let last = self.last.lock().unwrap_or_else(|e| e.into_inner())[slot].clone();
-        if let Some(text) = last {
-            if holds(&path, text.as_bytes()).unwrap_or(false) {
-                return FileRead::Text(text);
+        if let Some(seen) = self.slot(file).filter(|seen| seen.settled) {
+            if fs_err::metadata(&path).is_ok_and(|m| Stamp::of(&m) == seen.stamp) {
+                return FileRead::Text(seen.text);
             }
         }
-        let read = read(&path);
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        last[slot] = match &read {
-            FileRead::Text(text) => Some(text.clone()),
-            _ => None,
-        };
-        read
+        self.read(file)
+    }
+
+    fn slot(&self, file: StateFile) -> Option<Seen> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())[file as usize].clone()
     }
 
     /// Takes the exclusive write lock, waiting for other writers: past a second it says so
@@ -226,25 +241,112 @@ pub fn loose_mode(path: &Path) -> Option<u32> {
     (mode & 0o077 != 0).then_some(mode)
 }
 
-pub fn read(path: &Path) -> FileRead {
-    match fs_err::read(path) {
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(text) => FileRead::Text(text.into()),
-            Err(e) => FileRead::Unreadable(not_utf8(e.as_bytes(), e.utf8_error().valid_up_to())),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileRead::Missing,
-        Err(e) => FileRead::Unreadable(e.to_string()),
+/// A file as a read saw it: its text, which file it was and when it last changed, and
+/// whether it had settled.
+///
+/// The kernel sets a file's change time (`ctime`) on every change of content or metadata,
+/// and no program can set it back; a file replaced by rename is another inode with its
+/// own change time. So a file whose identity, size, modification and change times are
+/// all as a read saw them has not changed since, with one exception: timestamps are
+/// coarse (a clock tick), so a second write within the same tick as the one before the
+/// read leaves them as they were. A read therefore trusts its stamp only for a file whose
+/// last change lay [`SETTLE`] or more before the read began (git's "racy clean" rule):
+/// any later change gets a later change time. A file changed just now is read in full on
+/// every request until it has settled.
+#[derive(Clone)]
+struct Seen {
+    text: Arc<str>,
+    stamp: Stamp,
+    settled: bool,
+}
+
+/// Far longer than any timestamp granularity of a local file system.
+const SETTLE: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file's last change lay `settle` or more before `began`.
+    fn settled_before(&self, began: std::time::SystemTime, settle: Duration) -> bool {
+        let Ok(began) = began.duration_since(std::time::UNIX_EPOCH) else {
+            return false;
+        };
+        let changed = Duration::new(
+            u64::try_from(self.ctime.0).unwrap_or(u64::MAX),
+            u32::try_from(self.ctime.1).unwrap_or(0),
+        );
+        changed.saturating_add(settle) <= began
     }
 }
 
-/// Whether the file at `path` holds exactly `expected`, compared in small pieces so that
-/// many concurrent reads of a large file need no full copy each.
-fn holds(path: &Path, expected: &[u8]) -> std::io::Result<bool> {
+/// Reads the file, with its stamp taken from the open file before its bytes are read.
+/// When it holds the bytes of `last`, that text is handed out again; they are compared in
+/// small pieces, so many concurrent reads of a large unchanged file need no copy each.
+fn read_stamped(
+    path: &Path,
+    settle: Duration,
+    last: Option<&Arc<str>>,
+) -> (FileRead, Option<Seen>) {
     use std::io::Read;
-    let mut file = fs_err::File::open(path)?;
-    if file.metadata()?.len() != expected.len() as u64 {
-        return Ok(false);
+    let began = std::time::SystemTime::now();
+    let result = fs_err::File::open(path).and_then(|mut file| {
+        let stamp = Stamp::of(&file.metadata()?);
+        if let Some(last) = last.filter(|t| t.len() as u64 == stamp.size) {
+            if holds(&mut file, last.as_bytes())? {
+                return Ok((stamp, Ok(last.clone())));
+            }
+            use std::io::Seek;
+            file.rewind()?;
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(stamp.size).unwrap_or(0) + 1);
+        file.read_to_end(&mut bytes)?;
+        Ok((stamp, Err(bytes)))
+    });
+    let text = match result {
+        Ok((stamp, Ok(same))) => Ok((stamp, same)),
+        Ok((stamp, Err(bytes))) => match String::from_utf8(bytes) {
+            Ok(text) => Ok((stamp, Arc::from(text))),
+            Err(e) => Err(FileRead::Unreadable(not_utf8(
+                e.as_bytes(),
+                e.utf8_error().valid_up_to(),
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(FileRead::Missing),
+        Err(e) => Err(FileRead::Unreadable(e.to_string())),
+    };
+    match text {
+        Ok((stamp, text)) => {
+            let seen = Seen {
+                text: text.clone(),
+                stamp,
+                settled: stamp.settled_before(began, settle),
+            };
+            (FileRead::Text(text), Some(seen))
+        }
+        Err(read) => (read, None),
     }
+}
+
+/// Whether the rest of `file` is exactly `expected`.
+fn holds(file: &mut impl std::io::Read, expected: &[u8]) -> std::io::Result<bool> {
     let mut buf = [0u8; 16 * 1024];
     let mut at = 0;
     loop {
@@ -257,6 +359,11 @@ fn holds(path: &Path, expected: &[u8]) -> std::io::Result<bool> {
         }
         at += n;
     }
+}
+
+/// The file as it is now.
+pub fn read(path: &Path) -> FileRead {
+    read_stamped(path, SETTLE, None).0
 }
 
 /// Where the first byte that is not UTF-8 stands, as line and column (1-based, in
@@ -306,6 +413,88 @@ pub fn atomic_write(path: &Path, content: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    fn text(read: FileRead) -> Arc<str> {
+        match read {
+            FileRead::Text(text) => text,
+            other => panic!("not text: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_settled_unchanged_file_is_handed_out_again_without_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.json");
+        std::fs::write(&path, "one").unwrap();
+        let store = Store::new(dir.path()).with_settle(Duration::ZERO);
+        let first = text(store.read_unlocked(StateFile::Accounts));
+        let again = text(store.read_unlocked(StateFile::Accounts));
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(&*again, "one");
+    }
+
+    #[test]
+    fn a_file_replaced_by_rename_is_read_again_even_when_its_size_is_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.json");
+        std::fs::write(&path, "one").unwrap();
+        let store = Store::new(dir.path()).with_settle(Duration::ZERO);
+        assert_eq!(&*text(store.read_unlocked(StateFile::Accounts)), "one");
+        atomic_write(&path, b"two").unwrap();
+        assert_eq!(&*text(store.read_unlocked(StateFile::Accounts)), "two");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(store.read_unlocked(StateFile::Accounts), FileRead::Missing);
+    }
+
+    #[test]
+    fn a_file_changed_just_now_is_read_in_full_every_time() {
+        // Written a moment ago: not settled, so an in-place rewrite of the same size in the
+        // same clock tick (same mtime and ctime) is still seen.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.json");
+        std::fs::write(&path, "one").unwrap();
+        let store = Store::new(dir.path());
+        assert_eq!(&*text(store.read_unlocked(StateFile::Accounts)), "one");
+        std::fs::write(&path, "two").unwrap();
+        assert_eq!(&*text(store.read_unlocked(StateFile::Accounts)), "two");
+        std::fs::write(&path, "one").unwrap();
+        assert_eq!(&*text(store.read_unlocked(StateFile::Accounts)), "one");
+    }
+
+    #[test]
+    fn a_file_settles_only_when_its_last_change_is_old_enough() {
+        let at = |secs| std::time::UNIX_EPOCH + Duration::from_secs(secs);
+        let stamp = Stamp {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime: (1_000, 0),
+            ctime: (1_000, 500),
+        };
+        let settle = Duration::from_secs(3);
+        assert!(!stamp.settled_before(at(1_000), settle));
+        assert!(!stamp.settled_before(at(1_003), settle));
+        assert!(stamp.settled_before(at(1_004), settle));
+        // A change time in the future (a clock set back) never settles.
+        assert!(!stamp.settled_before(at(900), settle));
+    }
+
+    #[test]
+    fn a_locked_read_reads_every_byte_and_keeps_the_text_of_equal_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts.json");
+        std::fs::write(&path, "one").unwrap();
+        let store = Store::new(dir.path()).with_settle(Duration::ZERO);
+        let first = text(store.read(StateFile::Accounts));
+        atomic_write(&path, b"one").unwrap();
+        let again = text(store.read(StateFile::Accounts));
+        assert!(Arc::ptr_eq(&first, &again), "equal bytes share one text");
+        // ... and the new file's stamp is kept, so the unlocked read trusts it.
+        assert!(Arc::ptr_eq(
+            &first,
+            &text(store.read_unlocked(StateFile::Accounts))
+        ));
+    }
 
     #[test]
     fn a_symlinked_state_file_is_written_through() {

@@ -16,45 +16,62 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: reqwest::Client,
-    chatgpt_base_url: String,
-    auth_base_url: String,
-    client_version: String,
+    /// The three endpoints, parsed once (validation with its `client_version`).
+    usage_url: reqwest::Url,
+    models_url: reqwest::Url,
+    token_url: reqwest::Url,
+}
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Client(#[from] reqwest::Error),
+    #[error("{url:?} is not a URL: {error}")]
+    Url { url: String, error: String },
+}
+
+fn endpoint(base: &str, path: &str) -> Result<reqwest::Url, UpstreamError> {
+    let url = format!("{base}{path}");
+    reqwest::Url::parse(&url).map_err(|e| UpstreamError::Url {
+        url,
+        error: e.to_string(),
+    })
 }
 
 impl Upstream {
-    pub fn new(settings: &Settings) -> reqwest::Result<Self> {
+    pub fn new(settings: &Settings) -> Result<Self, UpstreamError> {
         let client = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .timeout(settings.upstream_timeout)
             .connect_timeout(settings.upstream_timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let mut models_url = endpoint(&settings.chatgpt_base_url, "/backend-api/codex/models")?;
+        models_url
+            .query_pairs_mut()
+            .append_pair("client_version", &settings.codex_client_version);
         Ok(Upstream {
             client,
-            chatgpt_base_url: settings.chatgpt_base_url.clone(),
-            auth_base_url: settings.auth_base_url.clone(),
-            client_version: settings.codex_client_version.clone(),
+            usage_url: endpoint(&settings.chatgpt_base_url, "/backend-api/wham/usage")?,
+            models_url,
+            token_url: endpoint(&settings.auth_base_url, "/oauth/token")?,
         })
     }
 
     pub async fn usage(&self, access_token: &Secret, account_id: Option<&str>) -> Reply {
-        let url = format!("{}/backend-api/wham/usage", self.chatgpt_base_url);
-        self.send(self.authorized(self.client.get(url), access_token, account_id))
+        let request = self.client.get(self.usage_url.clone());
+        self.send(self.authorized(request, access_token, account_id))
             .await
     }
 
     pub async fn validate(&self, access_token: &Secret, account_id: Option<&str>) -> Reply {
-        let url = format!("{}/backend-api/codex/models", self.chatgpt_base_url);
-        let request = self
-            .client
-            .get(url)
-            .query(&[("client_version", self.client_version.as_str())]);
+        let request = self.client.get(self.models_url.clone());
         self.send(self.authorized(request, access_token, account_id))
             .await
     }
 
     pub async fn refresh(&self, refresh_token: &Secret) -> Reply {
-        let url = format!("{}/oauth/token", self.auth_base_url);
         let body = serde_json::json!({
             "client_id": CODEX_CLIENT_ID,
             "grant_type": "refresh_token",
@@ -63,7 +80,7 @@ impl Upstream {
         });
         let request = self
             .client
-            .post(url)
+            .post(self.token_url.clone())
             .header(reqwest::header::ACCEPT, "application/json")
             .json(&body);
         self.send(request).await
