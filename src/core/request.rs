@@ -508,7 +508,7 @@ impl TokenRequest {
                     .collect();
                 let retry_after = until
                     .and_then(|t| t.into_iter().min())
-                    .map(|t| (t - self.now).clamp(1, MAX_RETRY_AFTER));
+                    .map(|t| t.saturating_sub(self.now).clamp(1, MAX_RETRY_AFTER));
                 let passed_over = std::mem::take(&mut self.passed_over);
                 self.finish(Outcome::NoUsableAccount {
                     passed_over,

@@ -95,7 +95,7 @@ impl Loaded {
         let fresh = match (&a.usage, a.usage_checked_at) {
             (Some(usage), Some(checked)) => {
                 checked <= now
-                    && now - checked <= policy.usage_stale_seconds
+                    && now.saturating_sub(checked) <= policy.usage_stale_seconds
                     && [&usage.primary, &usage.secondary]
                         .into_iter()
                         .flatten()
@@ -215,7 +215,9 @@ impl UsageDue {
                 })
             }
             // Still due: the refresh failed only transiently, so this is no verdict.
-            Verdict::Invalid(why) if token_due(&self.account, now) && rejects_only_the_token(reply) => {
+            Verdict::Invalid(why)
+                if token_due(&self.account, now) && rejects_only_the_token(reply) =>
+            {
                 format!("{why} for a token whose refresh failed")
             }
             Verdict::Invalid(why) => {

@@ -51,7 +51,11 @@ impl World {
         while let Some(effect) = request.poll_effect() {
             let event = match &effect {
                 Effect::ReadFiles => {
-                    if self.edit_before_read.as_ref().is_some_and(|(n, _)| *n == self.reads) {
+                    if self
+                        .edit_before_read
+                        .as_ref()
+                        .is_some_and(|(n, _)| *n == self.reads)
+                    {
                         let (_, edit) = self.edit_before_read.take().expect("checked");
                         self.accounts = FileRead::Text(edit.into());
                     }
@@ -862,9 +866,7 @@ fn an_adopted_token_that_is_due_is_refreshed_before_validation() {
                 ok(THEIRS_REFRESHED)
             }
             // Their token is too old for the upstream; only the refreshed one works.
-            Effect::Validate { access_token, .. } if access_token.expose() == "next-at" => {
-                models()
-            }
+            Effect::Validate { access_token, .. } if access_token.expose() == "next-at" => models(),
             Effect::Validate { .. } => status(401, "{}"),
             _ => unreachable!("{e:?}"),
         });
@@ -907,7 +909,10 @@ fn an_adopted_token_that_is_not_due_is_used_without_a_refresh() {
         _ => unreachable!("{e:?}"),
     });
     assert_eq!(served(&outcome), "a");
-    assert_eq!(world.trace, ["read", "lock", "read", "unlock", "validate a"]);
+    assert_eq!(
+        world.trace,
+        ["read", "lock", "read", "unlock", "validate a"]
+    );
 }
 
 /// The validation of a token that was not due is rejected, and under the lock the move
@@ -942,7 +947,10 @@ fn tokens_adopted_at_a_move_are_refreshed_when_due() {
         ]
     );
     assert_eq!(world.failed, FileRead::Missing);
-    assert_eq!(world.accounts().accounts[0].access_token.expose(), "next-at");
+    assert_eq!(
+        world.accounts().accounts[0].access_token.expose(),
+        "next-at"
+    );
 }
 
 /// After this request's own refresh was rejected (`refresh_token_reused`), another writer's
@@ -966,9 +974,16 @@ fn a_due_adopted_token_after_our_refresh_is_not_refreshed_again_and_a_401_is_no_
         other => panic!("{other:?}"),
     }
     assert_eq!(world.failed, FileRead::Missing);
-    assert_eq!(world.accounts().accounts[0].access_token.expose(), "their-at");
     assert_eq!(
-        world.trace.iter().filter(|t| t.starts_with("refresh")).count(),
+        world.accounts().accounts[0].access_token.expose(),
+        "their-at"
+    );
+    assert_eq!(
+        world
+            .trace
+            .iter()
+            .filter(|t| t.starts_with("refresh"))
+            .count(),
         1
     );
 }
@@ -1031,6 +1046,10 @@ fn a_coded_403_after_a_failed_refresh_is_a_verdict_and_a_401_is_not() {
             matches!(outcome, Outcome::NoUsableAccount { .. }),
             "{outcome:?}"
         );
-        assert_eq!(world.failed().accounts.len(), usize::from(moved), "{reply:?}");
+        assert_eq!(
+            world.failed().accounts.len(),
+            usize::from(moved),
+            "{reply:?}"
+        );
     }
 }
