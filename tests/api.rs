@@ -948,3 +948,76 @@ async fn an_imported_login_with_an_expired_access_token_is_refreshed_not_moved()
         answer.body["access_token"]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// What gibby sends upstream (SPEC.md section 5)
+// ---------------------------------------------------------------------------------------------
+
+/// Every call carries `Accept: application/json` and a `User-Agent` naming gibby and its
+/// version; usage and validation carry `Authorization: Bearer <access token>` and the
+/// account id from the token's claims; validation asks with `client_version` set to
+/// `GIBBY_CODEX_CLIENT_VERSION`; the refresh is a JSON body with the Codex client id, the
+/// grant, the refresh token and the scope, and no `Authorization` header.
+#[tokio::test]
+async fn upstream_calls_carry_the_documented_headers_and_bodies() {
+    let h = Harness::start_with(|s| s.codex_client_version = "9.8.7".into()).await;
+    let mut a = h.account(A, 10, 20);
+    a.usage_checked_at = Some(NOW - STALE - 1);
+    a.token_refresh_at = Some(NOW - 1);
+    let account_id = jwt_claims(a.access_token.expose())[fake_upstream::AUTH_CLAIM]
+        ["chatgpt_account_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    h.write_accounts(&pool(Some(A), vec![a.clone()]));
+
+    let answer = get_token(&h).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+
+    let calls = h.fake.calls();
+    let kinds: Vec<Endpoint> = calls.iter().map(|c| c.endpoint).collect();
+    assert_eq!(
+        kinds,
+        [Endpoint::Usage, Endpoint::Refresh, Endpoint::Models]
+    );
+    let user_agent = format!("gibby/{}", env!("CARGO_PKG_VERSION"));
+    for call in &calls {
+        assert_eq!(call.accept.as_deref(), Some("application/json"), "{call:?}");
+        assert_eq!(
+            call.user_agent.as_deref(),
+            Some(user_agent.as_str()),
+            "{call:?}"
+        );
+    }
+    let (usage, refresh, models) = (&calls[0], &calls[1], &calls[2]);
+    let new_token = answer.body["access_token"].as_str().unwrap();
+    for (call, token) in [(usage, a.access_token.expose()), (models, new_token)] {
+        assert_eq!(call.authorization_scheme.as_deref(), Some("Bearer"));
+        assert_eq!(call.bearer.as_deref(), Some(token));
+        assert_eq!(
+            call.account_id_header.as_deref(),
+            Some(account_id.as_str()),
+            "{call:?}"
+        );
+    }
+    assert_eq!(usage.query, None);
+    assert_eq!(models.query.as_deref(), Some("client_version=9.8.7"));
+    assert_eq!(
+        refresh.authorization_scheme, None,
+        "the refresh carries no bearer"
+    );
+    assert_eq!(refresh.account_id_header, None);
+    assert_eq!(refresh.content_type.as_deref(), Some("application/json"));
+    assert_eq!(refresh.client_id.as_deref(), Some(fake_upstream::CLIENT_ID));
+    assert_eq!(
+        refresh.client_id.as_deref(),
+        Some("app_EMoamEEZ73f0CkXaXp7hrann")
+    );
+    assert_eq!(refresh.grant_type.as_deref(), Some("refresh_token"));
+    assert_eq!(
+        refresh.refresh_token.as_deref(),
+        Some(a.refresh_token.expose())
+    );
+    assert_eq!(refresh.scope.as_deref(), Some("openid profile email"));
+    h.stop().await;
+}
