@@ -1021,3 +1021,109 @@ async fn upstream_calls_carry_the_documented_headers_and_bodies() {
     assert_eq!(refresh.scope.as_deref(), Some("openid profile email"));
     h.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lean and odd upstream bodies are served, never a 500
+// ---------------------------------------------------------------------------------------------
+
+/// A refresh 200 with nothing but an opaque (non-JWT) access token: no `refresh_token`
+/// (the stored one is kept), no `expires_in` (8 days assumed), no `id_token`. The token is
+/// served with `account_id` and `expires_at` null, validated without `ChatGPT-Account-Id`,
+/// and accounts.json holds it.
+#[tokio::test]
+async fn a_lean_refresh_answer_with_an_opaque_token_is_served_and_stored() {
+    let h = Harness::start().await;
+    let mut a = h.account(A, 10, 20);
+    a.token_refresh_at = Some(NOW - 1);
+    h.write_accounts(&pool(Some(A), vec![a.clone()]));
+    h.fake.push_reply(
+        Endpoint::Refresh,
+        Some(A),
+        Reply::json(200, json!({"access_token": "opaque-access-token"})),
+    );
+    // The fake does not know the opaque token: its validation is scripted.
+    h.fake.push_reply(
+        Endpoint::Models,
+        None,
+        Reply::json(200, json!({"models": []})),
+    );
+
+    let answer = get_token(&h).await;
+
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(
+        answer.body,
+        json!({"email": A, "access_token": "opaque-access-token", "account_id": null,
+               "expires_at": null})
+    );
+    let models = models_calls(&h);
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0].bearer.as_deref(), Some("opaque-access-token"));
+    assert_eq!(
+        models[0].account_id_header, None,
+        "no claims, no account id"
+    );
+    let mut expected = a.clone();
+    expected.access_token = gibby::model::Secret::new("opaque-access-token");
+    expected.token_refresh_at = Some(NOW + 7 * 86_400);
+    assert_eq!(h.accounts(), pool(Some(A), vec![expected]));
+    assert_written_by_gibby(&h, &["accounts.json"]);
+    h.stop().await;
+}
+
+/// Usage bodies as real plans send them: `rate_limit: null`, no windows at all, a weekly
+/// window alone in the primary slot with a float percentage and no `reset_at`, float
+/// percentages in both slots. Each is served and persisted as SPEC.md section 5 reads it.
+#[tokio::test]
+async fn odd_usage_bodies_are_served_and_persisted() {
+    let w = |pct: Value, len: i64, after: i64| json!({"used_percent": pct, "limit_window_seconds": len, "reset_after_seconds": after});
+    let cases = [
+        (json!({"plan_type": "free", "rate_limit": null}), None, None),
+        (json!({"rate_limit": {}}), None, None),
+        (json!({}), None, None),
+        (
+            json!({"rate_limit": {"primary_window": null, "secondary_window": null}}),
+            None,
+            None,
+        ),
+        (
+            json!({"rate_limit": {"primary_window": w(json!(12.5), 604_800, 1000),
+                                  "secondary_window": null}}),
+            None,
+            Some(window(
+                serde_json::Number::from_f64(12.5).unwrap(),
+                NOW + 1000,
+            )),
+        ),
+        (
+            json!({"rate_limit": {"primary_window": w(json!(40.25), 18_000, 60),
+                                  "secondary_window": w(json!(99.0), 604_800, 600)},
+                   "credits": null, "additional_rate_limits": null}),
+            Some(window(
+                serde_json::Number::from_f64(40.25).unwrap(),
+                NOW + 60,
+            )),
+            Some(window(
+                serde_json::Number::from_f64(99.0).unwrap(),
+                NOW + 600,
+            )),
+        ),
+    ];
+    for (body, primary, secondary) in cases {
+        let h = Harness::start().await;
+        let mut a = h.account(A, 10, 20);
+        a.usage_checked_at = Some(NOW - STALE - 1);
+        h.write_accounts(&pool(Some(A), vec![a.clone()]));
+        h.fake
+            .push_reply(Endpoint::Usage, Some(A), Reply::json(200, body.clone()));
+
+        let answer = get_token(&h).await;
+
+        assert_eq!(answer.status, 200, "{body}: {}", answer.text);
+        let mut expected = a.clone();
+        expected.usage = Some(Usage { primary, secondary });
+        expected.usage_checked_at = Some(NOW);
+        assert_eq!(h.accounts(), pool(Some(A), vec![expected]), "{body}");
+        h.stop().await;
+    }
+}
