@@ -948,3 +948,182 @@ async fn an_imported_login_with_an_expired_access_token_is_refreshed_not_moved()
         answer.body["access_token"]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// What gibby sends upstream (SPEC.md section 5)
+// ---------------------------------------------------------------------------------------------
+
+/// Every call carries `Accept: application/json` and a `User-Agent` naming gibby and its
+/// version; usage and validation carry `Authorization: Bearer <access token>` and the
+/// account id from the token's claims; validation asks with `client_version` set to
+/// `GIBBY_CODEX_CLIENT_VERSION`; the refresh is a JSON body with the Codex client id, the
+/// grant, the refresh token and the scope, and no `Authorization` header.
+#[tokio::test]
+async fn upstream_calls_carry_the_documented_headers_and_bodies() {
+    let h = Harness::start_with(|s| s.codex_client_version = "9.8.7".into()).await;
+    let mut a = h.account(A, 10, 20);
+    a.usage_checked_at = Some(NOW - STALE - 1);
+    a.token_refresh_at = Some(NOW - 1);
+    let account_id = jwt_claims(a.access_token.expose())[fake_upstream::AUTH_CLAIM]
+        ["chatgpt_account_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    h.write_accounts(&pool(Some(A), vec![a.clone()]));
+
+    let answer = get_token(&h).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+
+    let calls = h.fake.calls();
+    let kinds: Vec<Endpoint> = calls.iter().map(|c| c.endpoint).collect();
+    assert_eq!(
+        kinds,
+        [Endpoint::Usage, Endpoint::Refresh, Endpoint::Models]
+    );
+    let user_agent = format!("gibby/{}", env!("CARGO_PKG_VERSION"));
+    for call in &calls {
+        assert_eq!(call.accept.as_deref(), Some("application/json"), "{call:?}");
+        assert_eq!(
+            call.user_agent.as_deref(),
+            Some(user_agent.as_str()),
+            "{call:?}"
+        );
+    }
+    let (usage, refresh, models) = (&calls[0], &calls[1], &calls[2]);
+    let new_token = answer.body["access_token"].as_str().unwrap();
+    for (call, token) in [(usage, a.access_token.expose()), (models, new_token)] {
+        assert_eq!(call.authorization_scheme.as_deref(), Some("Bearer"));
+        assert_eq!(call.bearer.as_deref(), Some(token));
+        assert_eq!(
+            call.account_id_header.as_deref(),
+            Some(account_id.as_str()),
+            "{call:?}"
+        );
+    }
+    assert_eq!(usage.query, None);
+    assert_eq!(models.query.as_deref(), Some("client_version=9.8.7"));
+    assert_eq!(
+        refresh.authorization_scheme, None,
+        "the refresh carries no bearer"
+    );
+    assert_eq!(refresh.account_id_header, None);
+    assert_eq!(refresh.content_type.as_deref(), Some("application/json"));
+    assert_eq!(refresh.client_id.as_deref(), Some(fake_upstream::CLIENT_ID));
+    assert_eq!(
+        refresh.client_id.as_deref(),
+        Some("app_EMoamEEZ73f0CkXaXp7hrann")
+    );
+    assert_eq!(refresh.grant_type.as_deref(), Some("refresh_token"));
+    assert_eq!(
+        refresh.refresh_token.as_deref(),
+        Some(a.refresh_token.expose())
+    );
+    assert_eq!(refresh.scope.as_deref(), Some("openid profile email"));
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lean and odd upstream bodies are served, never a 500
+// ---------------------------------------------------------------------------------------------
+
+/// A refresh 200 with nothing but an opaque (non-JWT) access token: no `refresh_token`
+/// (the stored one is kept), no `expires_in` (8 days assumed), no `id_token`. The token is
+/// served with `account_id` and `expires_at` null, validated without `ChatGPT-Account-Id`,
+/// and accounts.json holds it.
+#[tokio::test]
+async fn a_lean_refresh_answer_with_an_opaque_token_is_served_and_stored() {
+    let h = Harness::start().await;
+    let mut a = h.account(A, 10, 20);
+    a.token_refresh_at = Some(NOW - 1);
+    h.write_accounts(&pool(Some(A), vec![a.clone()]));
+    h.fake.push_reply(
+        Endpoint::Refresh,
+        Some(A),
+        Reply::json(200, json!({"access_token": "opaque-access-token"})),
+    );
+    // The fake does not know the opaque token: its validation is scripted.
+    h.fake.push_reply(
+        Endpoint::Models,
+        None,
+        Reply::json(200, json!({"models": []})),
+    );
+
+    let answer = get_token(&h).await;
+
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(
+        answer.body,
+        json!({"email": A, "access_token": "opaque-access-token", "account_id": null,
+               "expires_at": null})
+    );
+    let models = models_calls(&h);
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0].bearer.as_deref(), Some("opaque-access-token"));
+    assert_eq!(
+        models[0].account_id_header, None,
+        "no claims, no account id"
+    );
+    let mut expected = a.clone();
+    expected.access_token = gibby::model::Secret::new("opaque-access-token");
+    expected.token_refresh_at = Some(NOW + 7 * 86_400);
+    assert_eq!(h.accounts(), pool(Some(A), vec![expected]));
+    assert_written_by_gibby(&h, &["accounts.json"]);
+    h.stop().await;
+}
+
+/// Usage bodies as real plans send them: `rate_limit: null`, no windows at all, a weekly
+/// window alone in the primary slot with a float percentage and no `reset_at`, float
+/// percentages in both slots. Each is served and persisted as SPEC.md section 5 reads it.
+#[tokio::test]
+async fn odd_usage_bodies_are_served_and_persisted() {
+    let w = |pct: Value, len: i64, after: i64| json!({"used_percent": pct, "limit_window_seconds": len, "reset_after_seconds": after});
+    let cases = [
+        (json!({"plan_type": "free", "rate_limit": null}), None, None),
+        (json!({"rate_limit": {}}), None, None),
+        (json!({}), None, None),
+        (
+            json!({"rate_limit": {"primary_window": null, "secondary_window": null}}),
+            None,
+            None,
+        ),
+        (
+            json!({"rate_limit": {"primary_window": w(json!(12.5), 604_800, 1000),
+                                  "secondary_window": null}}),
+            None,
+            Some(window(
+                serde_json::Number::from_f64(12.5).unwrap(),
+                NOW + 1000,
+            )),
+        ),
+        (
+            json!({"rate_limit": {"primary_window": w(json!(40.25), 18_000, 60),
+                                  "secondary_window": w(json!(99.0), 604_800, 600)},
+                   "credits": null, "additional_rate_limits": null}),
+            Some(window(
+                serde_json::Number::from_f64(40.25).unwrap(),
+                NOW + 60,
+            )),
+            Some(window(
+                serde_json::Number::from_f64(99.0).unwrap(),
+                NOW + 600,
+            )),
+        ),
+    ];
+    for (body, primary, secondary) in cases {
+        let h = Harness::start().await;
+        let mut a = h.account(A, 10, 20);
+        a.usage_checked_at = Some(NOW - STALE - 1);
+        h.write_accounts(&pool(Some(A), vec![a.clone()]));
+        h.fake
+            .push_reply(Endpoint::Usage, Some(A), Reply::json(200, body.clone()));
+
+        let answer = get_token(&h).await;
+
+        assert_eq!(answer.status, 200, "{body}: {}", answer.text);
+        let mut expected = a.clone();
+        expected.usage = Some(Usage { primary, secondary });
+        expected.usage_checked_at = Some(NOW);
+        assert_eq!(h.accounts(), pool(Some(A), vec![expected]), "{body}");
+        h.stop().await;
+    }
+}

@@ -366,6 +366,75 @@ async fn corrupt_failed_json_when_an_account_must_move() {
     h.stop().await;
 }
 
+/// A move is needed (A's validation answers 401) and failed.json, as given, is refused:
+/// 503 naming failed.json and the position, both files byte for byte.
+async fn refused_at_a_move(snapshot: &'static str, failed: String, names: Vec<String>) {
+    let bad = Bad {
+        snapshot,
+        accounts: None,
+        failed: Some(failed),
+        names,
+    };
+    let h = refused(bad, |h| {
+        let file = pool(Some(A), vec![h.account(A, 10, 20), h.account(B, 30, 20)]);
+        h.write_accounts(&file);
+        h.fake.push_reply(
+            Endpoint::Models,
+            Some(A),
+            Reply::json(
+                401,
+                json!({"detail": "Could not parse your authentication token."}),
+            ),
+        );
+    })
+    .await;
+    let calls: Vec<_> = h.fake.calls().into_iter().map(|c| c.endpoint).collect();
+    assert_eq!(
+        calls,
+        [Endpoint::Models],
+        "A's validation was the only call"
+    );
+    h.stop().await;
+}
+
+/// failed.json parses as JSON but an entry has a wrong type (`disabled: "no"`).
+#[tokio::test]
+async fn failed_json_with_a_wrong_type_when_an_account_must_move() {
+    let failed = good_failed().replace("\"disabled\": false", "\"disabled\": \"no\"");
+    refused_at_a_move(
+        "bad_input_failed_json_wrong_type_at_move_503",
+        failed,
+        vec![
+            "failed.json: ".into(),
+            // The position: the entry's index and email (DESIGN.md, as for accounts.json).
+            "accounts[0] (old@example.com)".into(),
+            "invalid type: string \"no\", expected a boolean".into(),
+            format!("{A} stays in accounts.json"),
+        ],
+    )
+    .await;
+}
+
+/// failed.json parses as JSON but an entry carries a field SPEC.md does not know.
+#[tokio::test]
+async fn failed_json_with_an_unknown_field_when_an_account_must_move() {
+    let failed = good_failed().replace(
+        "\"disabled\": false",
+        "\"disabled\": false,\n      \"note\": \"hand-written\"",
+    );
+    refused_at_a_move(
+        "bad_input_failed_json_unknown_field_at_move_503",
+        failed,
+        vec![
+            "failed.json: ".into(),
+            "accounts[0] (old@example.com)".into(),
+            "unknown field `note`".into(),
+            format!("{A} stays in accounts.json"),
+        ],
+    )
+    .await;
+}
+
 /// DESIGN.md: a failed.json that does not parse does not stop ordinary requests, only
 /// moves: the active account is served, a warning names failed.json, nothing is written.
 #[tokio::test]

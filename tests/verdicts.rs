@@ -556,6 +556,20 @@ fn due_token_cases() -> Vec<Case> {
             vec![rejected, (Refresh, 0, Timeout), rejected],
             Expect::Served,
         ),
+        // DESIGN.md: a coded 402/403 names the account, not the token's age: a verdict
+        // for a due token too, without a refresh call.
+        (
+            "usage 403 invalid_workspace_selected for a due token",
+            due_and_stale,
+            vec![(Usage, 403, DetailCode("invalid_workspace_selected"))],
+            Expect::Moved,
+        ),
+        (
+            "usage 402 deactivated_workspace for a due token",
+            due_and_stale,
+            vec![(Usage, 402, DetailCode("deactivated_workspace"))],
+            Expect::Moved,
+        ),
         (
             "due token, refresh 503 HTML, validation 401 for the old token",
             Setup {
@@ -764,5 +778,189 @@ async fn an_outage_of_1000_requests_leaves_both_files_byte_for_byte() {
     let answer = h.token().await;
     assert_eq!(answer.status, 200, "{}", scrub(&answer.text));
     assert_eq!(answer.body["email"], A);
+    h.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Another writer's tokens, lined up with the fake's gates (no timers)
+// ---------------------------------------------------------------------------------------------
+
+/// How long a test waits for gibby to reach a call before it fails.
+const SIGNAL: Duration = Duration::from_secs(30);
+
+const REUSED: &str = "refresh_token_reused";
+
+/// A with fresh usage and a due token, alone in the pool (the request's only candidate).
+fn due_alone(h: &Harness) -> (Account, String) {
+    let mut a = h.account(A, 10, 20);
+    a.token_refresh_at = Some(NOW - 1);
+    let file = pool(Some(A), vec![a.clone()]);
+    h.write_accounts(&file);
+    (a, file.to_text())
+}
+
+/// A helper's new login for A, as it would write it: `fresh` tokens are live and scheduled
+/// a day before their end; otherwise the access token expired yesterday (the refresh token
+/// still works) and `token_refresh_at` is null.
+fn their_login(h: &Harness, a: &Account, fresh: bool) -> Account {
+    let mut theirs = a.clone();
+    if fresh {
+        let t = h.fake.login(A);
+        theirs.access_token = gibby::model::Secret::new(t.access_token);
+        theirs.refresh_token = gibby::model::Secret::new(t.refresh_token);
+        theirs.token_refresh_at = Some(t.expires_at - 86_400);
+    } else {
+        h.fake.set_now(Some(NOW - 11 * 86_400));
+        let t = h.fake.login(A);
+        h.fake.set_now(Some(NOW));
+        assert!(t.expires_at < NOW);
+        theirs.access_token = gibby::model::Secret::new(t.access_token);
+        theirs.refresh_token = gibby::model::Secret::new(t.refresh_token);
+        theirs.token_refresh_at = None;
+    }
+    theirs
+}
+
+fn reused_reply() -> Reply {
+    Envelope(REUSED).reply(401)
+}
+
+/// SPEC.md section 5: a refresh answered 401 `refresh_token_reused` is a verdict only when a
+/// fresh read of accounts.json still shows the same refresh token. Here another writer
+/// stores its own new login while gibby's refresh call is out: gibby uses theirs, serves
+/// it, and moves nothing.
+#[tokio::test]
+async fn refresh_token_reused_after_another_writer_rotated_serves_their_tokens() {
+    let h = Harness::start().await;
+    let (a, _) = due_alone(&h);
+    let theirs = their_login(&h, &a, true);
+    h.fake.push_reply(Refresh, Some(A), reused_reply());
+    let gate = h.fake.hold(Refresh);
+
+    let request = tokio::spawn({
+        let (client, url) = (h.client.clone(), h.url.clone());
+        async move { client.get(format!("{url}/token")).send().await.unwrap() }
+    });
+    assert!(h.fake.wait_for_calls(Refresh, 1, SIGNAL).await);
+    h.write_accounts(&pool(Some(A), vec![theirs.clone()]));
+    gate.open();
+    let answer = request.await.unwrap();
+
+    assert_eq!(answer.status(), 200);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["access_token"], theirs.access_token.expose());
+    assert_eq!(h.read_text("failed.json"), None, "nothing was moved");
+    assert_eq!(h.accounts(), pool(Some(A), vec![theirs]));
+    let endpoints: Vec<Endpoint> = h.fake.calls().iter().map(|c| c.endpoint).collect();
+    assert_eq!(endpoints, [Refresh, Validation]);
+    h.stop().await;
+}
+
+/// The same answer with the refresh token unchanged in accounts.json: A is moved to
+/// failed.json, whole, and nothing is left to serve.
+#[tokio::test]
+async fn refresh_token_reused_with_the_same_token_stored_moves_the_account() {
+    let h = Harness::start().await;
+    let (a, _) = due_alone(&h);
+    h.fake.push_reply(Refresh, Some(A), reused_reply());
+    let gate = h.fake.hold(Refresh);
+
+    let request = tokio::spawn({
+        let (client, url) = (h.client.clone(), h.url.clone());
+        async move { client.get(format!("{url}/token")).send().await.unwrap() }
+    });
+    assert!(h.fake.wait_for_calls(Refresh, 1, SIGNAL).await);
+    gate.open();
+    let answer = request.await.unwrap();
+
+    assert_eq!(answer.status(), 503);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["error"], "no_usable_account");
+    let failed = FailedFile::parse(&h.read_text("failed.json").unwrap()).unwrap();
+    assert_eq!(failed.accounts, [a]);
+    assert_eq!(h.accounts(), pool(None, vec![]));
+    h.stop().await;
+}
+
+/// SPEC.md section 5, for adopted tokens: gibby's token is due, and while its usage call is
+/// out a helper stores a new login whose access token has already expired, with
+/// `token_refresh_at` null. Under the lock gibby finds those tokens instead of its own:
+/// they are due, so they are refreshed (once) before validation, instead of a 401 for the
+/// expired token moving a live account to failed.json.
+#[tokio::test]
+async fn adopted_due_tokens_are_refreshed_before_validation() {
+    let h = Harness::start().await;
+    let mut a = h.account(A, 10, 20);
+    a.token_refresh_at = Some(NOW - 1);
+    a.usage_checked_at = Some(NOW - 7200);
+    h.write_accounts(&pool(Some(A), vec![a.clone()]));
+    let theirs = their_login(&h, &a, false);
+    let gate = h.fake.hold(Usage);
+
+    let request = tokio::spawn({
+        let (client, url) = (h.client.clone(), h.url.clone());
+        async move { client.get(format!("{url}/token")).send().await.unwrap() }
+    });
+    assert!(h.fake.wait_for_calls(Usage, 1, SIGNAL).await);
+    h.write_accounts(&pool(Some(A), vec![theirs.clone()]));
+    gate.open();
+    let answer = request.await.unwrap();
+
+    assert_eq!(answer.status(), 200);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(h.read_text("failed.json"), None, "nothing was moved");
+    let calls = h.fake.calls();
+    let endpoints: Vec<Endpoint> = calls.iter().map(|c| c.endpoint).collect();
+    assert_eq!(endpoints, [Usage, Refresh, Validation]);
+    assert_eq!(
+        calls[1].refresh_token.as_deref(),
+        Some(theirs.refresh_token.expose()),
+        "their refresh token, not ours"
+    );
+    let stored = &h.accounts().accounts[0];
+    assert_eq!(body["access_token"], stored.access_token.expose());
+    assert_ne!(stored.access_token, theirs.access_token);
+    assert_ne!(stored.refresh_token, theirs.refresh_token);
+    assert!(stored.token_refresh_at.is_some_and(|t| t > NOW));
+    assert_eq!(h.fake.reused_refresh_tokens(), 0);
+    h.stop().await;
+}
+
+/// When gibby's own refresh was already sent (and answered `refresh_token_reused`), an
+/// adopted due token cannot be refreshed in the same request: it is validated as it is, and
+/// the 401 for it is no verdict. A stays in accounts.json with the helper's tokens, and the
+/// next request refreshes them.
+#[tokio::test]
+async fn a_due_token_adopted_after_our_refresh_is_not_moved_on_a_401() {
+    let h = Harness::start().await;
+    let (a, _) = due_alone(&h);
+    let theirs = their_login(&h, &a, false);
+    h.fake.push_reply(Refresh, Some(A), reused_reply());
+    let gate = h.fake.hold(Refresh);
+
+    let request = tokio::spawn({
+        let (client, url) = (h.client.clone(), h.url.clone());
+        async move { client.get(format!("{url}/token")).send().await.unwrap() }
+    });
+    assert!(h.fake.wait_for_calls(Refresh, 1, SIGNAL).await);
+    h.write_accounts(&pool(Some(A), vec![theirs.clone()]));
+    gate.open();
+    let answer = request.await.unwrap();
+
+    assert_eq!(answer.status(), 503);
+    assert_eq!(h.read_text("failed.json"), None, "nothing was moved");
+    assert_eq!(h.accounts(), pool(Some(A), vec![theirs.clone()]));
+    let endpoints: Vec<Endpoint> = h.fake.calls().iter().map(|c| c.endpoint).collect();
+    assert_eq!(endpoints, [Refresh, Validation], "one refresh call");
+
+    // The next request refreshes the helper's due token and serves the new one.
+    let next = h.token().await;
+    assert_eq!(next.status, 200, "{}", next.text);
+    assert_eq!(h.fake.count(Refresh), 2);
+    assert_eq!(
+        h.fake.calls()[2].refresh_token.as_deref(),
+        Some(theirs.refresh_token.expose())
+    );
+    assert_eq!(h.read_text("failed.json"), None);
     h.stop().await;
 }

@@ -102,7 +102,9 @@ where
     for a in &status.accounts {
         let state = match (a.state, a.exhausted_until, a.usage_checked_at) {
             ("exhausted", Some(t), _) => format!("exhausted until {}", when(t)),
-            ("stale", _, Some(t)) => format!("stale (checked {})", relative(t - status.now)),
+            ("stale", _, Some(t)) => {
+                format!("stale (checked {})", relative(t.saturating_sub(status.now)))
+            }
             ("stale", _, None) => "stale (never checked)".to_owned(),
             (state, ..) => state.to_owned(),
         };
@@ -173,12 +175,12 @@ where
     } else {
         at.format("%Y-%m-%d %H:%M").to_string()
     };
-    format!("{shown} ({})", relative(t - now))
+    format!("{shown} ({})", relative(t.saturating_sub(now)))
 }
 
 /// `in 2 h 10 min`, `5 min ago`, `now`.
 pub fn relative(seconds: i64) -> String {
-    let s = seconds.abs();
+    let s = seconds.unsigned_abs();
     let text = if s < 60 {
         return "now".to_owned();
     } else if s < 3600 {
@@ -235,6 +237,7 @@ mod tests {
             (7800, "in 2 h 10 min"),
             (-300, "5 min ago"),
             (90_000, "in 1 d 1 h"),
+            (i64::MIN, "106751991167300 d 15 h ago"),
         ];
         for (secs, text) in cases {
             assert_eq!(relative(secs), text);

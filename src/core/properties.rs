@@ -177,6 +177,15 @@ fn invalid_replies(kind: Kind) -> Vec<Reply> {
     }
 }
 
+/// The call was answered with a 402/403 that carries a dead account or workspace code.
+fn account_gone(c: &Call) -> bool {
+    let Fate::Invalid(n) = c.fate else {
+        return false;
+    };
+    let all = invalid_replies(c.kind);
+    matches!(&all[n % all.len()], Reply::Http(h) if h.status != 401)
+}
+
 /// Answers that are never a verdict: outages, throttling, challenges, bare codes, bodies
 /// that do not parse.
 fn transient_replies(kind: Kind) -> Vec<Reply> {
@@ -1118,8 +1127,9 @@ proptest! {
     }
 
     /// An account reaches failed.json only on an invalid verdict about the very tokens it
-    /// is recorded with, never on a transient answer: a refresh rejected as dead, or a usage
-    /// or validation rejection of a token that was not due (or was just refreshed).
+    /// is recorded with, never on a transient answer: a refresh rejected as dead, a usage
+    /// or validation 401 for a token that was not due (or was just refreshed), or a 402/403
+    /// with a dead code.
     #[test]
     fn only_invalid_verdicts_move_accounts(case in case()) {
         let run = run(&case);
@@ -1134,9 +1144,12 @@ proptest! {
                     && matches!(c.fate, Fate::Invalid(_))
                     && match c.kind {
                         Kind::Refresh => record.refresh_token.expose() == c.token,
+                        // A 402/403 with a dead code is a verdict whatever the token's
+                        // state (DESIGN.md); a 401 only for a token that was not due.
                         Kind::Usage | Kind::Validate => {
                             record.access_token.expose() == c.token
                                 && (c.generation == 1
+                                    || account_gone(c)
                                     || (!due(start, case.now) && !refresh_failed_transiently))
                         }
                     }

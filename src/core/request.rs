@@ -161,6 +161,8 @@ pub struct TokenRequest {
     failures: Vec<Failed>,
     /// Accounts whose due token usage rejected: refreshed, then asked again.
     refresh_first: Vec<RefreshDue>,
+    /// Accounts this request sent a refresh call for: at most one each.
+    refreshed: BTreeSet<String>,
     /// Things the operator should hear about that did not change the answer.
     warnings: Vec<String>,
     memo: Option<Arc<ParseMemo>>,
@@ -204,6 +206,7 @@ impl TokenRequest {
             changes: Vec::new(),
             failures: Vec::new(),
             refresh_first: Vec::new(),
+            refreshed: BTreeSet::new(),
             warnings: Vec::new(),
             memo: None,
         }
@@ -505,7 +508,7 @@ impl TokenRequest {
                     .collect();
                 let retry_after = until
                     .and_then(|t| t.into_iter().min())
-                    .map(|t| (t - self.now).clamp(1, MAX_RETRY_AFTER));
+                    .map(|t| t.saturating_sub(self.now).clamp(1, MAX_RETRY_AFTER));
                 let passed_over = std::mem::take(&mut self.passed_over);
                 self.finish(Outcome::NoUsableAccount {
                     passed_over,
@@ -725,6 +728,16 @@ impl TokenRequest {
         };
     }
 
+    /// Under the lock, with a fresh read showing `due`'s refresh token: send it upstream.
+    fn send_refresh(&mut self, due: RefreshDue, then: Then, conflicts: u8) {
+        self.refreshed.insert(due.email().to_owned());
+        self.effects.push_back(due.effect());
+        self.state = State::Locked {
+            step: Step::Refreshing(due, then),
+            conflicts,
+        };
+    }
+
     /// Under the lock, with a fresh read in `self.view`: decide what to write.
     fn locked_read(&mut self, job: Job, conflicts: u8) {
         let view = self.view();
@@ -741,21 +754,25 @@ impl TokenRequest {
                     .cloned()
                 {
                     Some(stored) if stored.refresh_token == *due.refresh_token() => {
-                        self.effects.push_back(due.effect());
                         let Job::Refresh(due, _) = job else {
                             unreachable!()
                         };
-                        self.state = State::Locked {
-                            step: Step::Refreshing(due, then),
-                            conflicts,
-                        };
-                        return;
+                        if self.refreshed.contains(due.email()) {
+                            Next::Token(due.without_refresh(), then)
+                        } else {
+                            return self.send_refresh(due, then, conflicts);
+                        }
                     }
+                    // Their tokens may be due too: then they are refreshed (once) first.
                     Some(stored) => {
                         let Job::Refresh(due, _) = job else {
                             unreachable!()
                         };
-                        Next::Token(due.rotated_elsewhere(stored), then)
+                        let may_refresh = !self.refreshed.contains(due.email());
+                        match due.rotated_elsewhere(stored, self.now, may_refresh) {
+                            Ok(fresh) => Next::Token(fresh, then),
+                            Err(due) => return self.send_refresh(due, then, conflicts),
+                        }
                     }
                     _ => {
                         let email = due.email().to_owned();
@@ -814,7 +831,12 @@ impl TokenRequest {
                             let Job::Move(failed, _) = job else {
                                 unreachable!()
                             };
-                            Next::Token(failed.rotated_elsewhere(theirs), then)
+                            let may_refresh = !self.refreshed.contains(failed.email());
+                            match failed.rotated_elsewhere(theirs, self.now, may_refresh) {
+                                Ok(fresh) => Next::Token(fresh, then),
+                                // Still under the lock, with this very read.
+                                Err(due) => return self.send_refresh(due, then, conflicts),
+                            }
                         }
                         _ => {
                             self.pass_over(failed.email(), Reason::ChangedMeanwhile);

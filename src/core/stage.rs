@@ -8,7 +8,7 @@
 
 use super::change::Change;
 use super::effect::{Effect, Reply};
-use super::verdict::{classify, Call, Verdict};
+use super::verdict::{classify, rejects_only_the_token, Call, Verdict};
 use super::wire::{self, NewTokens};
 use crate::model::{Account, Claims, Secret, Usage, Window};
 use crate::settings::Policy;
@@ -69,6 +69,10 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// Why a due token is used without a refresh.
+const DUE_UNREFRESHED: &str =
+    "another writer stored it, and this request already sent its one refresh for the account";
+
 fn account_id(token: &Secret) -> Option<String> {
     Claims::of(token.expose()).account_id
 }
@@ -91,7 +95,7 @@ impl Loaded {
         let fresh = match (&a.usage, a.usage_checked_at) {
             (Some(usage), Some(checked)) => {
                 checked <= now
-                    && now - checked <= policy.usage_stale_seconds
+                    && now.saturating_sub(checked) <= policy.usage_stale_seconds
                     && [&usage.primary, &usage.secondary]
                         .into_iter()
                         .flatten()
@@ -198,15 +202,22 @@ impl UsageDue {
                 }
                 None => "usage answer did not parse".to_owned(),
             },
-            // A token due for refresh may be rejected only because it is old: one
-            // refresh and one retry come before any verdict.
-            Verdict::Invalid(_) if token_due(&self.account, now) && !self.refresh_tried => {
+            // A token due for refresh may be rejected (401) only because it is old: one
+            // refresh and one retry come before any verdict. A 402/403 with a dead code
+            // is about the account, not the token's age: a verdict at once.
+            Verdict::Invalid(_)
+                if token_due(&self.account, now)
+                    && !self.refresh_tried
+                    && rejects_only_the_token(reply) =>
+            {
                 return UsageAnswer::RefreshFirst(RefreshDue {
                     account: self.account,
                 })
             }
             // Still due: the refresh failed only transiently, so this is no verdict.
-            Verdict::Invalid(why) if token_due(&self.account, now) => {
+            Verdict::Invalid(why)
+                if token_due(&self.account, now) && rejects_only_the_token(reply) =>
+            {
                 format!("{why} for a token whose refresh failed")
             }
             Verdict::Invalid(why) => {
@@ -376,9 +387,22 @@ impl RefreshDue {
     }
 
     /// Another writer refreshed this account meanwhile: use its tokens, never ours again.
-    pub fn rotated_elsewhere(self, stored: Account) -> TokenFresh {
+    /// Theirs may be due themselves: see [`adopt`].
+    #[allow(clippy::result_large_err)] // both sides own the account; boxing buys nothing
+    pub fn rotated_elsewhere(
+        self,
+        stored: Account,
+        now: i64,
+        may_refresh: bool,
+    ) -> Result<TokenFresh, RefreshDue> {
         debug_assert_eq!(stored.email, self.account.email);
-        TokenFresh::new(stored, TokenOrigin::RotatedElsewhere)
+        adopt(stored, now, may_refresh)
+    }
+
+    /// This request already sent a refresh for the account: the token is used as it is,
+    /// and a rejection of it is no verdict (it was due and could not be refreshed).
+    pub fn without_refresh(self) -> TokenFresh {
+        TokenFresh::new(self.account, TokenOrigin::DueUnrefreshed)
     }
 
     pub fn answered(self, reply: &Reply, now: i64) -> RefreshAnswer {
@@ -413,6 +437,22 @@ impl RefreshDue {
     }
 }
 
+/// Tokens another writer stored meanwhile are checked like any others: when they are due
+/// (a helper wrote no `token_refresh_at`, or one in the past) they are refreshed first, as a
+/// selected account's would be, so that a 401 for them is not taken for a dead account.
+/// At most one refresh call per account and request: when this request already sent one,
+/// the due token is used as it is and a rejection of it is no verdict.
+#[allow(clippy::result_large_err)] // both sides own the account; boxing buys nothing
+fn adopt(stored: Account, now: i64, may_refresh: bool) -> Result<TokenFresh, RefreshDue> {
+    if !token_due(&stored, now) {
+        Ok(TokenFresh::new(stored, TokenOrigin::RotatedElsewhere))
+    } else if may_refresh {
+        Err(RefreshDue { account: stored })
+    } else {
+        Ok(TokenFresh::new(stored, TokenOrigin::DueUnrefreshed))
+    }
+}
+
 /// Where the token about to be validated came from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TokenOrigin {
@@ -422,6 +462,9 @@ pub enum TokenOrigin {
     RotatedElsewhere,
     /// Due, but the refresh failed transiently; a rejection is then no verdict.
     RefreshFailed(String),
+    /// Due (stored so by another writer), but this request already sent its one refresh
+    /// for the account; a rejection is then no verdict.
+    DueUnrefreshed,
 }
 
 /// An account with a token that is as fresh as it can be made now.
@@ -462,6 +505,7 @@ impl TokenFresh {
             refresh_tried: true,
             refresh_failed: match self.origin {
                 TokenOrigin::RefreshFailed(why) => Some(why),
+                TokenOrigin::DueUnrefreshed => Some(DUE_UNREFRESHED.into()),
                 _ => None,
             },
         }
@@ -487,9 +531,14 @@ impl TokenFresh {
                 "validation answer did not parse".into(),
             )),
             Verdict::Invalid(why) => match self.origin {
-                TokenOrigin::RefreshFailed(refresh) => {
+                TokenOrigin::RefreshFailed(refresh) if rejects_only_the_token(reply) => {
                     ValidationAnswer::Transient(Reason::UpstreamUnavailable(format!(
                         "validation: {why} after a failed refresh ({refresh})"
+                    )))
+                }
+                TokenOrigin::DueUnrefreshed if rejects_only_the_token(reply) => {
+                    ValidationAnswer::Transient(Reason::UpstreamUnavailable(format!(
+                        "validation: {why} for a token that is due ({DUE_UNREFRESHED})"
                     )))
                 }
                 _ => ValidationAnswer::Failed(Failed {
@@ -559,10 +608,17 @@ impl Failed {
     }
 
     /// Another writer gave the account new tokens while it was being judged: the verdict
-    /// was about the old ones, so the new ones are tried.
-    pub fn rotated_elsewhere(self, stored: Account) -> TokenFresh {
+    /// was about the old ones, so the new ones are tried (refreshed first when due: see
+    /// [`adopt`]).
+    #[allow(clippy::result_large_err)] // both sides own the account; boxing buys nothing
+    pub fn rotated_elsewhere(
+        self,
+        stored: Account,
+        now: i64,
+        may_refresh: bool,
+    ) -> Result<TokenFresh, RefreshDue> {
         debug_assert_eq!(stored.email, self.account.email);
-        TokenFresh::new(stored, TokenOrigin::RotatedElsewhere)
+        adopt(stored, now, may_refresh)
     }
 
     /// The same account in a fresh read: same email and the very tokens that were judged.

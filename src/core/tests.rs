@@ -12,6 +12,9 @@ struct World {
     failed: FileRead,
     /// A hand edit that lands between gibby's read and its next write, once.
     edit_before_write: Option<String>,
+    /// Another writer's accounts.json that lands just before the n-th read (0: the first).
+    edit_before_read: Option<(usize, String)>,
+    reads: usize,
     trace: Vec<String>,
 }
 
@@ -21,6 +24,8 @@ impl World {
             accounts: FileRead::Text(file.to_text().into()),
             failed: FileRead::Missing,
             edit_before_write: None,
+            edit_before_read: None,
+            reads: 0,
             trace: Vec::new(),
         }
     }
@@ -45,10 +50,21 @@ impl World {
         let mut locked = false;
         while let Some(effect) = request.poll_effect() {
             let event = match &effect {
-                Effect::ReadFiles => Event::FilesRead {
-                    accounts: self.accounts.clone(),
-                    failed: self.failed.clone(),
-                },
+                Effect::ReadFiles => {
+                    if self
+                        .edit_before_read
+                        .as_ref()
+                        .is_some_and(|(n, _)| *n == self.reads)
+                    {
+                        let (_, edit) = self.edit_before_read.take().expect("checked");
+                        self.accounts = FileRead::Text(edit.into());
+                    }
+                    self.reads += 1;
+                    Event::FilesRead {
+                        accounts: self.accounts.clone(),
+                        failed: self.failed.clone(),
+                    }
+                }
                 Effect::Lock => {
                     assert!(!locked, "lock taken twice");
                     locked = true;
@@ -636,6 +652,14 @@ fn a_refresh_that_failed_transiently_is_not_tried_again_in_the_same_request() {
 
 /// Drives a request by hand up to its refresh call, then lets `during_call` change the world.
 fn refresh_rejected_with(during_call: impl FnOnce(&mut World)) -> (World, Outcome) {
+    refresh_rejected_then(during_call, models())
+}
+
+/// As [`refresh_rejected_with`], with `validation` answering every validation.
+fn refresh_rejected_then(
+    during_call: impl FnOnce(&mut World),
+    validation: Reply,
+) -> (World, Outcome) {
     let mut a = account("a", 10);
     a.token_refresh_at = Some(NOW);
     let mut world = World::new(&pool(Some("a"), vec![a]));
@@ -679,7 +703,7 @@ fn refresh_rejected_with(during_call: impl FnOnce(&mut World)) -> (World, Outcom
             } => Event::ValidationAnswered {
                 email,
                 access_token,
-                reply: models(),
+                reply: validation.clone(),
             },
             Effect::FetchUsage { .. } => unreachable!(),
         };
@@ -808,4 +832,224 @@ fn usage_fetched_before_our_own_refresh_is_still_persisted() {
             .used_percent,
         42.into()
     );
+}
+
+/// Another writer's tokens for `a`, stored with the given `token_refresh_at`.
+fn theirs(file: &AccountsFile, token_refresh_at: Option<i64>) -> String {
+    let mut file = file.clone();
+    file.accounts[0].access_token = Secret::new("their-at");
+    file.accounts[0].refresh_token = Secret::new("their-rt");
+    file.accounts[0].token_refresh_at = token_refresh_at;
+    file.to_text()
+}
+
+const THEIRS_REFRESHED: &str =
+    r#"{"access_token": "next-at", "refresh_token": "next-rt", "expires_in": 864000}"#;
+
+/// SPEC.md 5: a 401 for a due token is answered by a refresh first. Tokens another writer
+/// stored while we waited for the lock are no exception: when they are due (no
+/// `token_refresh_at`, or one in the past), they are refreshed once before validation,
+/// instead of being validated as they are and a 401 moving the account.
+#[test]
+fn an_adopted_token_that_is_due_is_refreshed_before_validation() {
+    for their_refresh_at in [None, Some(NOW - 1), Some(NOW)] {
+        let mut a = account("a", 10);
+        a.token_refresh_at = Some(NOW - 5);
+        let file = pool(Some("a"), vec![a]);
+        let mut world = World::new(&file);
+        // Between the first read and the read under the lock.
+        world.edit_before_read = Some((1, theirs(&file, their_refresh_at)));
+        let mut refreshed = Vec::new();
+        let outcome = world.run(&mut |e| match e {
+            Effect::RefreshToken { refresh_token, .. } => {
+                refreshed.push(refresh_token.expose().to_owned());
+                ok(THEIRS_REFRESHED)
+            }
+            // Their token is too old for the upstream; only the refreshed one works.
+            Effect::Validate { access_token, .. } if access_token.expose() == "next-at" => models(),
+            Effect::Validate { .. } => status(401, "{}"),
+            _ => unreachable!("{e:?}"),
+        });
+        assert_eq!(served(&outcome), "a", "{their_refresh_at:?}");
+        assert_eq!(refreshed, ["their-rt"], "theirs, once");
+        assert_eq!(
+            world.trace,
+            [
+                "read",
+                "lock",
+                "read",
+                "refresh a",
+                "write accounts.json",
+                "unlock",
+                "validate a"
+            ]
+        );
+        let stored = &world.accounts().accounts[0];
+        assert_eq!(
+            (stored.access_token.expose(), stored.refresh_token.expose()),
+            ("next-at", "next-rt")
+        );
+        assert_eq!(world.failed, FileRead::Missing);
+    }
+}
+
+/// An adopted token that is not due is validated as it is, without a refresh call.
+#[test]
+fn an_adopted_token_that_is_not_due_is_used_without_a_refresh() {
+    let mut a = account("a", 10);
+    a.token_refresh_at = Some(NOW - 5);
+    let file = pool(Some("a"), vec![a]);
+    let mut world = World::new(&file);
+    world.edit_before_read = Some((1, theirs(&file, Some(NOW + 1))));
+    let outcome = world.run(&mut |e| match e {
+        Effect::Validate { access_token, .. } => {
+            assert_eq!(access_token.expose(), "their-at");
+            models()
+        }
+        _ => unreachable!("{e:?}"),
+    });
+    assert_eq!(served(&outcome), "a");
+    assert_eq!(
+        world.trace,
+        ["read", "lock", "read", "unlock", "validate a"]
+    );
+}
+
+/// The validation of a token that was not due is rejected, and under the lock the move
+/// finds that another writer stored new tokens that are due: those are refreshed first
+/// (this request has not sent a refresh for the account yet), then validated.
+#[test]
+fn tokens_adopted_at_a_move_are_refreshed_when_due() {
+    let file = pool(Some("a"), vec![account("a", 10)]);
+    let mut world = World::new(&file);
+    world.edit_before_read = Some((1, theirs(&file, None)));
+    let outcome = world.run(&mut |e| match e {
+        Effect::RefreshToken { refresh_token, .. } => {
+            assert_eq!(refresh_token.expose(), "their-rt");
+            ok(THEIRS_REFRESHED)
+        }
+        Effect::Validate { access_token, .. } if access_token.expose() == "next-at" => models(),
+        Effect::Validate { .. } => status(401, "{}"),
+        _ => unreachable!("{e:?}"),
+    });
+    assert_eq!(served(&outcome), "a");
+    assert_eq!(
+        world.trace,
+        [
+            "read",
+            "validate a",
+            "lock",
+            "read",
+            "refresh a",
+            "write accounts.json",
+            "unlock",
+            "validate a"
+        ]
+    );
+    assert_eq!(world.failed, FileRead::Missing);
+    assert_eq!(
+        world.accounts().accounts[0].access_token.expose(),
+        "next-at"
+    );
+}
+
+/// After this request's own refresh was rejected (`refresh_token_reused`), another writer's
+/// tokens are adopted; when they are due they cannot be refreshed in this request (one
+/// refresh call per account and request), so a 401 for them is no verdict: the account
+/// stays, with their tokens, and is passed over.
+#[test]
+fn a_due_adopted_token_after_our_refresh_is_not_refreshed_again_and_a_401_is_no_verdict() {
+    let (world, outcome) = refresh_rejected_then(
+        |world| world.accounts = FileRead::Text(theirs(&world.accounts(), None).into()),
+        status(401, "{}"),
+    );
+    match &outcome {
+        Outcome::NoUsableAccount { passed_over, .. } => {
+            assert_eq!(passed_over.len(), 1);
+            assert!(
+                matches!(passed_over[0].reason, Reason::UpstreamUnavailable(_)),
+                "{passed_over:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(world.failed, FileRead::Missing);
+    assert_eq!(
+        world.accounts().accounts[0].access_token.expose(),
+        "their-at"
+    );
+    assert_eq!(
+        world
+            .trace
+            .iter()
+            .filter(|t| t.starts_with("refresh"))
+            .count(),
+        1
+    );
+}
+
+/// DESIGN.md: a 402/403 with a dead account or workspace code is a verdict even for a token
+/// that is due: no refresh brings a deactivated workspace back, so none is sent.
+#[test]
+fn a_coded_402_or_403_for_a_due_token_is_a_verdict_without_a_refresh() {
+    for (code, body) in [
+        (403, r#"{"detail": {"code": "invalid_workspace_selected"}}"#),
+        (402, r#"{"detail": {"code": "deactivated_workspace"}}"#),
+        (403, r#"{"error": {"code": "account_deactivated"}}"#),
+    ] {
+        let mut world = World::new(&due_and_unchecked());
+        let outcome = world.run(&mut |e| match e {
+            Effect::FetchUsage { .. } => status(code, body),
+            _ => unreachable!("{e:?}"),
+        });
+        assert!(
+            matches!(outcome, Outcome::NoUsableAccount { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            world.trace,
+            [
+                "read",
+                "usage a",
+                "lock",
+                "read",
+                "write failed.json",
+                "write accounts.json",
+                "unlock"
+            ],
+            "{code} {body}"
+        );
+        assert_eq!(world.failed().accounts.len(), 1);
+    }
+}
+
+/// The same holds for the old token validated after a refresh that failed transiently: a
+/// 401 is no verdict then, but a coded 403 is.
+#[test]
+fn a_coded_403_after_a_failed_refresh_is_a_verdict_and_a_401_is_not() {
+    for (reply, moved) in [
+        (status(401, "{}"), false),
+        (
+            status(403, r#"{"detail": {"code": "invalid_workspace_selected"}}"#),
+            true,
+        ),
+    ] {
+        let mut a = account("a", 10);
+        a.token_refresh_at = Some(NOW);
+        let mut world = World::new(&pool(Some("a"), vec![a]));
+        let outcome = world.run(&mut |e| match e {
+            Effect::RefreshToken { .. } => status(502, "bad gateway"),
+            Effect::Validate { .. } => reply.clone(),
+            _ => unreachable!("{e:?}"),
+        });
+        assert!(
+            matches!(outcome, Outcome::NoUsableAccount { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            world.failed().accounts.len(),
+            usize::from(moved),
+            "{reply:?}"
+        );
+    }
 }

@@ -76,6 +76,13 @@ pub fn classify(call: Call, reply: &Reply) -> Verdict<'_> {
     }
 }
 
+/// A usage or validation rejection that may mean no more than "this token is old": a 401.
+/// A 402/403 with a dead code names the account or workspace, which no refresh brings
+/// back (DESIGN.md, "Decisions SPEC.md left open").
+pub fn rejects_only_the_token(reply: &Reply) -> bool {
+    matches!(reply, Reply::Http(http) if http.status == 401)
+}
+
 fn is_html(http: &HttpReply) -> bool {
     http.challenge
         || http

@@ -70,7 +70,9 @@ fn read_window(w: &Value, now: i64) -> Option<(Window, Option<i64>)> {
         Value::Number(n) if n.as_f64().is_some_and(|p| p >= 0.0) => n.clone(),
         _ => return None,
     };
-    let reset_at = secs("reset_at").or_else(|| secs("reset_after_seconds").map(|s| now + s))?;
+    // Saturating: an absurd upstream number must not overflow (a panic in debug builds).
+    let reset_at =
+        secs("reset_at").or_else(|| secs("reset_after_seconds").map(|s| now.saturating_add(s)))?;
     Some((
         Window {
             used_percent,
@@ -121,10 +123,12 @@ pub fn tokens_from_body(body: &str, now: i64) -> Option<NewTokens> {
 pub fn next_refresh_at(access_token: &str, expires_in: Option<i64>, now: i64) -> i64 {
     let ends = Claims::of(access_token)
         .exp
-        .or(expires_in.map(|s| now + s))
-        .unwrap_or(now + DEFAULT_TOKEN_LIFETIME);
-    let margin = MAX_SAFETY_MARGIN.min((ends - now).max(0) / 2);
-    (ends - margin).max(now + MIN_REFRESH_DELAY)
+        .or(expires_in.map(|s| now.saturating_add(s)))
+        .unwrap_or(now.saturating_add(DEFAULT_TOKEN_LIFETIME));
+    // Saturating throughout: `exp` and `expires_in` come from the upstream.
+    let margin = MAX_SAFETY_MARGIN.min(ends.saturating_sub(now).max(0) / 2);
+    ends.saturating_sub(margin)
+        .max(now.saturating_add(MIN_REFRESH_DELAY))
 }
 
 /// When a token imported from a Codex login (not just issued: it may be days old, or
@@ -137,8 +141,8 @@ pub fn imported_refresh_at(access_token: &str, now: i64) -> i64 {
     let Some(ends) = claims.exp else {
         return now;
     };
-    let lifetime = ends - claims.iat.unwrap_or(now);
-    ends - MAX_SAFETY_MARGIN.min(lifetime.max(0) / 2)
+    let lifetime = ends.saturating_sub(claims.iat.unwrap_or(now));
+    ends.saturating_sub(MAX_SAFETY_MARGIN.min(lifetime.max(0) / 2))
 }
 
 /// A 200 from validation counts only with a `models` array.
@@ -311,6 +315,55 @@ mod tests {
         for text in ["{}", r#"{"access_token": ""}"#, "<html>", ""] {
             assert_eq!(tokens_from_body(text, NOW), None, "{text}");
         }
+    }
+
+    /// Upstream numbers at the ends of i64 saturate instead of overflowing (a panic in a
+    /// debug build, a wrapped time in a release one).
+    #[test]
+    fn absurd_numbers_saturate() {
+        let max = i64::MAX;
+        let text = format!(
+            r#"{{"rate_limit": {{"primary_window": {{"used_percent": 5, "limit_window_seconds": 18000, "reset_after_seconds": {max}}}}}}}"#
+        );
+        assert_eq!(
+            usage_from_body(&text, NOW).unwrap().primary,
+            Some(window("5", max))
+        );
+        let text = r#"{"rate_limit": {"primary_window": {"used_percent": 5, "limit_window_seconds": 18000, "reset_after_seconds": -9223372036854775808}}}"#;
+        assert_eq!(
+            usage_from_body(text, NOW).unwrap().primary,
+            Some(window("5", NOW.saturating_add(i64::MIN)))
+        );
+        // A float far beyond i64 saturates as a cast does.
+        let text = r#"{"rate_limit": {"primary_window": {"used_percent": 5, "reset_after_seconds": 1e300}}}"#;
+        assert_eq!(
+            usage_from_body(text, NOW).unwrap().primary,
+            Some(window("5", max))
+        );
+        let body = format!(r#"{{"access_token": "opaque", "expires_in": {max}}}"#);
+        let t = tokens_from_body(&body, NOW).unwrap();
+        assert_eq!(t.token_refresh_at, max - 86_400);
+        assert_eq!(
+            tokens_from_body(r#"{"access_token": "opaque", "expires_in": 1e300}"#, NOW)
+                .unwrap()
+                .token_refresh_at,
+            max - 86_400
+        );
+        assert_eq!(next_refresh_at("opaque", Some(max), max), max);
+        assert_eq!(next_refresh_at("opaque", Some(i64::MIN), NOW), NOW + 60);
+        assert_eq!(
+            next_refresh_at(&token_with_exp(max), None, NOW),
+            max - 86_400
+        );
+        assert_eq!(
+            next_refresh_at(&token_with_exp(i64::MIN), None, NOW),
+            NOW + 60
+        );
+        assert_eq!(
+            imported_refresh_at(&token_with_exp(i64::MIN), NOW),
+            i64::MIN
+        );
+        assert_eq!(imported_refresh_at(&token_with_exp(max), NOW), max - 86_400);
     }
 
     #[test]

@@ -197,6 +197,14 @@ pub struct Call {
     pub email: Option<String>,
     pub bearer: Option<String>,
     pub refresh_token: Option<String>,
+    /// The refresh body's other fields (JSON or form), as sent.
+    pub client_id: Option<String>,
+    pub grant_type: Option<String>,
+    pub scope: Option<String>,
+    /// The scheme of the `Authorization` header (`Bearer`), as sent.
+    pub authorization_scheme: Option<String>,
+    pub accept: Option<String>,
+    pub content_type: Option<String>,
     pub account_id_header: Option<String>,
     pub user_agent: Option<String>,
     pub query: Option<String>,
@@ -505,6 +513,12 @@ impl fmt::Debug for Call {
             .field("email", &self.email)
             .field("bearer", &Redacted(self.bearer.as_deref()))
             .field("refresh_token", &Redacted(self.refresh_token.as_deref()))
+            .field("client_id", &self.client_id)
+            .field("grant_type", &self.grant_type)
+            .field("scope", &self.scope)
+            .field("authorization_scheme", &self.authorization_scheme)
+            .field("accept", &self.accept)
+            .field("content_type", &self.content_type)
             .field("account_id_header", &self.account_id_header)
             .field("user_agent", &self.user_agent)
             .field("query", &self.query)

@@ -24,6 +24,7 @@ struct RefreshForm {
     client_id: Option<String>,
     grant_type: Option<String>,
     refresh_token: Option<String>,
+    scope: Option<String>,
 }
 
 impl FakeUpstream {
@@ -98,6 +99,13 @@ async fn handle(
         bearer: header("authorization")
             .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_owned())),
         refresh_token: form.as_ref().ok().and_then(|f| f.refresh_token.clone()),
+        client_id: form.as_ref().ok().and_then(|f| f.client_id.clone()),
+        grant_type: form.as_ref().ok().and_then(|f| f.grant_type.clone()),
+        scope: form.as_ref().ok().and_then(|f| f.scope.clone()),
+        authorization_scheme: header("authorization")
+            .and_then(|v| v.split_once(' ').map(|(scheme, _)| scheme.to_owned())),
+        accept: header("accept"),
+        content_type: header("content-type"),
         account_id_header: header("chatgpt-account-id"),
         user_agent: header("user-agent"),
         query: parts.uri.query().map(str::to_owned),

@@ -304,6 +304,41 @@ mod tests {
         assert_eq!(file.to_text(), SAMPLE);
     }
 
+    /// DESIGN.md "Numbers": serde_json (without `arbitrary_precision`) keeps a number's
+    /// value, not its text: a hand-written `72.50` is written back as `72.5`, `72.0` as
+    /// `72.0`, `1e2` as `100.0`; integers stay integers. The object a move appends to
+    /// failed.json is the account as gibby writes it, so it holds the same.
+    #[test]
+    fn hand_written_numbers_keep_their_value_not_their_text() {
+        let cases = [
+            ("72.50", "72.5"),
+            ("72.0", "72.0"),
+            ("1e2", "100.0"),
+            ("72", "72"),
+            ("94.99", "94.99"),
+        ];
+        for (written, kept) in cases {
+            let text = SAMPLE.replace(
+                "\"used_percent\": 72,",
+                &format!("\"used_percent\": {written},"),
+            );
+            let file = AccountsFile::parse(&text).unwrap();
+            let out = file.to_text();
+            assert!(
+                out.contains(&format!("\"used_percent\": {kept},")),
+                "{written}: {out}"
+            );
+            let moved = FailedFile {
+                accounts: file.accounts.clone(),
+            }
+            .to_text();
+            assert!(
+                moved.contains(&format!("\"used_percent\": {kept},")),
+                "{written}: {moved}"
+            );
+        }
+    }
+
     #[test]
     fn absent_fields_read_as_null_and_are_written_as_null() {
         let text = r#"{"active_account": null, "accounts": [{"email": "a@x", "access_token": "at", "refresh_token": ""}]}"#;
