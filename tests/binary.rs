@@ -4,6 +4,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod support;
+
 /// Kills the child when the test ends, however it ends.
 struct Running(Child);
 
@@ -218,4 +220,40 @@ async fn sigterm_finishes_requests_in_flight() {
     );
     // Every other account is accounted for too: here none is left over.
     assert!(line.contains("others=none"), "{line}");
+}
+
+/// `gibby serve` warns at startup about a state file other users can read (it holds
+/// tokens), naming the file and its mode, and says nothing about a 0600 one.
+#[test]
+fn serve_warns_about_state_files_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let set_mode = |name: &str, mode: u32| {
+        std::fs::set_permissions(dir.path().join(name), std::fs::Permissions::from_mode(mode))
+            .unwrap();
+    };
+    std::fs::write(
+        dir.path().join("accounts.json"),
+        "{\"active_account\": null, \"accounts\": []}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("failed.json"), "{\"accounts\": []}\n").unwrap();
+    let warning = |name: &str, mode: &str| {
+        format!(
+            "{}: mode {mode} lets other users read the tokens; run chmod 600 on it",
+            dir.path().join(name).display()
+        )
+    };
+
+    set_mode("accounts.json", 0o644);
+    set_mode("failed.json", 0o600);
+    let log = support::Gibby::start(dir.path(), "http://127.0.0.1:9", &[]).log();
+    assert!(log.contains(&warning("accounts.json", "0644")), "{log}");
+    assert!(!log.contains("failed.json: mode"), "{log}");
+
+    set_mode("accounts.json", 0o600);
+    set_mode("failed.json", 0o640);
+    let log = support::Gibby::start(dir.path(), "http://127.0.0.1:9", &[]).log();
+    assert!(log.contains(&warning("failed.json", "0640")), "{log}");
+    assert!(!log.contains("accounts.json: mode"), "{log}");
 }

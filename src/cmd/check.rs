@@ -42,8 +42,14 @@ pub fn run(dir: &Path) -> Report {
     if let Some(file) = &accounts {
         if let Some(active) = &file.active_account {
             if file.find(active).is_none() {
+                let shown = crate::model::shown_email(active);
+                let shown = if shown == *active {
+                    format!("{active:?}")
+                } else {
+                    shown
+                };
                 report.notes.push(format!(
-                    "accounts.json: active_account {active:?} names no account; it counts as none"
+                    "accounts.json: active_account {shown} names no account; it counts as none"
                 ));
             }
         }

@@ -153,7 +153,10 @@ where
     }
     out.push_str(&format!(
         "active: {}; failed.json: {} account(s)\n",
-        status.active_account.as_deref().unwrap_or("none"),
+        status
+            .active_account
+            .as_deref()
+            .map_or("none".into(), crate::model::shown_email),
         status.failed
     ));
     out

@@ -81,7 +81,12 @@ struct Behaviour {
 struct Case {
     now: i64,
     policy: Policy,
+    /// The pool as gibby reads it; `accounts_text` is the file itself.
     accounts: AccountsFile,
+    /// accounts.json as written by hand: canonical, except that some accounts lack some of
+    /// the optional keys (`disabled`, `usage`, `usage_checked_at`, `token_refresh_at`)
+    /// altogether; `accounts` then holds null (false) for them, as absent reads.
+    accounts_text: String,
     failed: FileRead,
     /// By account index: `u{i}@example.com` has tokens `at-{i}-{gen}` and `rt-{i}-{gen}`.
     behaviour: Vec<Behaviour>,
@@ -299,7 +304,7 @@ impl<'a> Sim<'a> {
     fn new(case: &'a Case) -> Self {
         Sim {
             case,
-            accounts: FileRead::Text(case.accounts.to_text().into()),
+            accounts: FileRead::Text(case.accounts_text.as_str().into()),
             failed: case.failed.clone(),
             locked: false,
             spent: BTreeSet::new(),
@@ -736,22 +741,31 @@ fn case() -> impl Strategy<Value = Case> {
                 .map(|i| account(i, now, policy.usage_stale_seconds))
                 .collect();
             let behaviour = prop::collection::vec(behaviour(), n);
-            (Just(now), Just(policy), accounts, behaviour)
+            // Which optional keys each account's JSON leaves out (a bit per key of
+            // OPTIONAL_KEYS); most accounts have them all.
+            let absent = prop::collection::vec(prop_oneof![3 => Just(0u8), 1 => 1u8..16], n);
+            (Just(now), Just(policy), accounts, behaviour, absent)
         })
-        .prop_flat_map(|(now, policy, accounts, behaviour)| {
+        .prop_map(|(now, policy, mut accounts, behaviour, absent)| {
+            for (account, bits) in accounts.iter_mut().zip(&absent) {
+                leave_out(account, *bits);
+            }
+            (now, policy, accounts, behaviour, absent)
+        })
+        .prop_flat_map(|(now, policy, accounts, behaviour, absent)| {
             let n = accounts.len();
             let mut actives: Vec<Option<String>> = (0..n).map(|i| Some(email(i))).collect();
             actives.push(None);
             actives.push(Some("nobody@example.com".into()));
             (
-                Just((now, policy, accounts, behaviour)),
+                Just((now, policy, accounts, behaviour, absent)),
                 prop::sample::select(actives),
                 0u8..10,
                 0usize..n.max(1),
             )
         })
         .prop_map(
-            |((now, policy, accounts, behaviour), active, failed_kind, pick)| {
+            |((now, policy, accounts, behaviour, absent), active, failed_kind, pick)| {
                 let old = |email: &str| Account {
                     email: email.into(),
                     access_token: Secret::new("at-old"),
@@ -781,18 +795,72 @@ fn case() -> impl Strategy<Value = Case> {
                     7 | 8 => FileRead::Text("{\"accounts\": []}\n".into()),
                     _ => FileRead::Text("{not json".into()),
                 };
+                let accounts = AccountsFile {
+                    active_account: active,
+                    accounts,
+                };
                 Case {
                     now,
                     policy,
-                    accounts: AccountsFile {
-                        active_account: active,
-                        accounts,
-                    },
+                    accounts_text: render_leaving_out(&accounts, &absent),
+                    accounts,
                     failed,
                     behaviour,
                 }
             },
         )
+}
+
+#[test]
+fn generated_pools_sometimes_lack_each_optional_key() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let mut lacking = [false; 4];
+    for _ in 0..100 {
+        let case = case().new_tree(&mut runner).unwrap().current();
+        let json: Value = serde_json::from_str(&case.accounts_text).unwrap();
+        for account in json["accounts"].as_array().unwrap() {
+            for (i, key) in OPTIONAL_KEYS.iter().enumerate() {
+                lacking[i] |= account.get(*key).is_none();
+            }
+        }
+    }
+    assert_eq!(lacking, [true; 4], "absent keys for {OPTIONAL_KEYS:?}");
+}
+
+/// The keys of an account that may be absent from the file (absent reads as null, or
+/// false for `disabled`).
+const OPTIONAL_KEYS: [&str; 4] = ["disabled", "usage", "usage_checked_at", "token_refresh_at"];
+
+/// The account as it reads when the keys of `bits` are absent from its JSON.
+fn leave_out(account: &mut Account, bits: u8) {
+    for (bit, key) in OPTIONAL_KEYS.iter().enumerate() {
+        if bits & (1 << bit) != 0 {
+            match *key {
+                "disabled" => account.disabled = false,
+                "usage" => account.usage = None,
+                "usage_checked_at" => account.usage_checked_at = None,
+                _ => account.token_refresh_at = None,
+            }
+        }
+    }
+}
+
+/// The canonical text of `file`, with the keys of `absent[i]` removed from account i.
+fn render_leaving_out(file: &AccountsFile, absent: &[u8]) -> String {
+    let mut json = serde_json::to_value(file).expect("a pool serialises");
+    let accounts = json["accounts"].as_array_mut().expect("an array");
+    for (account, bits) in accounts.iter_mut().zip(absent) {
+        let object = account.as_object_mut().expect("an object");
+        for (bit, key) in OPTIONAL_KEYS.iter().enumerate() {
+            if bits & (1 << bit) != 0 {
+                object.remove(*key);
+            }
+        }
+    }
+    let text = serde_json::to_string_pretty(&json).expect("JSON serialises") + "\n";
+    debug_assert_eq!(AccountsFile::parse(&text).as_ref(), Ok(file));
+    text
 }
 
 // ---------------------------------------------------------------------------------------------

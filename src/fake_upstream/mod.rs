@@ -235,6 +235,8 @@ struct State {
     access: HashMap<String, (String, i64)>,
     /// refresh token -> (email, already used)
     refresh: HashMap<String, (String, bool)>,
+    /// Every token handed out (access, refresh and id tokens), in order.
+    issued: Vec<String>,
     replies: VecDeque<Scripted>,
     /// While not empty, every unscripted call gets the next of these, in turn.
     outage: Vec<Reply>,
@@ -270,6 +272,7 @@ impl FakeUpstream {
                 accounts: HashMap::new(),
                 access: HashMap::new(),
                 refresh: HashMap::new(),
+                issued: Vec::new(),
                 replies: VecDeque::new(),
                 outage: Vec::new(),
                 outage_next: 0,
@@ -378,6 +381,12 @@ impl FakeUpstream {
         self.lock().lifetime = secs;
     }
 
+    /// Every token this fake has issued so far (access, refresh and id tokens, by
+    /// registration, login or refresh), in order: what a test searches logs and answers for.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.lock().issued.clone()
+    }
+
     pub fn calls(&self) -> Vec<Call> {
         self.lock().calls.clone()
     }
@@ -472,6 +481,11 @@ impl State {
             .insert(tokens.access_token.clone(), (email.to_owned(), exp));
         self.refresh
             .insert(tokens.refresh_token.clone(), (email.to_owned(), false));
+        self.issued.extend([
+            tokens.access_token.clone(),
+            tokens.refresh_token.clone(),
+            tokens.id_token.clone(),
+        ]);
         tokens
     }
 }

@@ -80,6 +80,21 @@ async fn refresh_rotates_and_reuse_is_counted() {
 }
 
 #[tokio::test]
+async fn every_issued_token_is_listed() {
+    let (fake, run, c) = setup().await;
+    let first = fake.add_account(AccountSpec::new("a@x.test"));
+    let (_, body) = refresh(&c, &run, &first.refresh_token).await;
+    let again = fake.login("a@x.test");
+    let issued = fake.issued_tokens();
+    let mut expected = vec![first.access_token, first.refresh_token, first.id_token];
+    for key in ["access_token", "refresh_token", "id_token"] {
+        expected.push(body[key].as_str().unwrap().to_owned());
+    }
+    expected.extend([again.access_token, again.refresh_token, again.id_token]);
+    assert_eq!(issued, expected);
+}
+
+#[tokio::test]
 async fn form_encoded_refresh_and_bad_requests() {
     let (fake, run, c) = setup().await;
     let t = fake.add_account(AccountSpec::new("a@x.test"));

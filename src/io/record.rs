@@ -5,10 +5,11 @@
 //! know it is recorded. It keeps what the request saw: both files as first read, the clock,
 //! the settings, every upstream answer in order, and the changes other writers made while
 //! the request ran (a read that differs from what the request's own writes left, a write
-//! that met a conflict or failed). Every token is then replaced by a placeholder; a JWT's
-//! placeholder is a JWT again that keeps the claims gibby reads (`exp`, `iat`, the account
-//! id and the email) and names itself in a `gibby_placeholder` claim, so the replay
-//! schedules refreshes and answers exactly as the request did.
+//! that met a conflict or failed), and both files as the request left them (`files_after`,
+//! so a replay checks the writes too). Every token is then replaced by a placeholder; a
+//! JWT's placeholder is a JWT again that keeps the claims gibby reads (`exp`, `iat`, the
+//! account id and the email) and names itself in a `gibby_placeholder` claim, so the
+//! replay schedules refreshes and answers exactly as the request did.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -206,6 +207,17 @@ impl<'a> Recorder<'a> {
                 now: None,
                 edits: self.edits.clone(),
                 expect,
+                // What the files held once the request ended, as far as it saw: its own
+                // writes and every change of another writer it met. The replay ends with
+                // the same files unless the logic now writes differently.
+                files_after: Some(Files {
+                    accounts: content(&self.accounts, |t| {
+                        AccountsFile::parse(t).ok().map(|f| (f.to_text(), f))
+                    }),
+                    failed: content(&self.failed, |t| {
+                        FailedFile::parse(t).ok().map(|f| (f.to_text(), f))
+                    }),
+                }),
             }],
         };
         tokens.replace_in(&scenario.to_text())

@@ -104,7 +104,8 @@ impl AccountsFile {
             Some(Value::String(email)) => Some(email),
             Some(other) => {
                 problems.push(format!(
-                    "active_account must be a string or null, found {other}"
+                    "active_account must be a string or null, found {}",
+                    shown_value(&other)
                 ));
                 None
             }
@@ -114,7 +115,7 @@ impl AccountsFile {
             if let Some((first, _)) = indexed[..n].iter().find(|(_, a)| a.email == account.email) {
                 problems.push(format!(
                     "accounts[{i}] ({}): duplicate email, already used by accounts[{first}]",
-                    account.email
+                    shown_email(&account.email)
                 ));
             }
         }
@@ -181,7 +182,7 @@ fn object(text: &str, known: &[&str]) -> Result<(Map<String, Value>, Problems), 
                 kind(&other)
             )])
         }
-        Err(e) => return Err(vec![e.to_string()]),
+        Err(e) => return Err(vec![redact_strings(&e.to_string())]),
     };
     let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
     let problems = top
@@ -214,7 +215,7 @@ fn accounts(value: Option<Value>, problems: &mut Vec<String>) -> Vec<(usize, Acc
     let mut accounts = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let at = match item.get("email").and_then(Value::as_str) {
-            Some(email) => format!("accounts[{i}] ({email})"),
+            Some(email) => format!("accounts[{i}] ({})", shown_email(email)),
             None => format!("accounts[{i}]"),
         };
         match Account::deserialize(item) {
@@ -222,10 +223,78 @@ fn accounts(value: Option<Value>, problems: &mut Vec<String>) -> Vec<(usize, Acc
                 problems.extend(account_problems(&at, &account));
                 accounts.push((i, account));
             }
-            Err(e) => problems.push(format!("{at}: {e}")),
+            Err(e) => problems.push(format!("{at}: {}", redact_strings(&e.to_string()))),
         }
     }
     accounts
+}
+
+/// An email as problems show it: itself when it looks like one (or is too short to be a
+/// token), else only its length: a token pasted into the wrong field must not end up in a
+/// 503, a log line or `check`.
+pub fn shown_email(email: &str) -> String {
+    let looks_like_one = (email.len() < 24 || (email.contains('@') && email.len() <= 254))
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if looks_like_one {
+        email.to_owned()
+    } else {
+        format!("a string of {} characters", email.chars().count())
+    }
+}
+
+/// A value as problems show it: numbers, booleans and null as they are, anything that may
+/// hold a string only by its kind.
+fn shown_value(value: &Value) -> String {
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => value.to_string(),
+        other => kind(other).to_owned(),
+    }
+}
+
+/// serde's messages quote the string they met (`invalid type: string "…", expected i64`);
+/// the string may be a token in the wrong field, so only its length is kept. The position
+/// and the kind of problem stay.
+pub fn redact_strings(message: &str) -> String {
+    const MARK: &str = "string \"";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(MARK) {
+        out.push_str(&rest[..at]);
+        let quoted = &rest[at + MARK.len()..];
+        // The string is Debug-quoted: it ends at the first quote not escaped by a backslash;
+        // an escape (`\n`, `\"`, `\u{1f600}`) counts as one character.
+        let (mut chars, mut end) = (0usize, None);
+        let (mut after_backslash, mut in_unicode) = (false, false);
+        for (i, c) in quoted.char_indices() {
+            if in_unicode {
+                in_unicode = c != '}';
+            } else if after_backslash {
+                after_backslash = false;
+                in_unicode = c == 'u';
+            } else if c == '\\' {
+                after_backslash = true;
+                chars += 1;
+            } else if c == '"' {
+                end = Some(i);
+                break;
+            } else {
+                chars += 1;
+            }
+        }
+        match end {
+            Some(end) => {
+                out.push_str(&format!("string ({chars} characters)"));
+                rest = &quoted[end + 1..];
+            }
+            // No closing quote: drop the rest rather than risk showing part of a token.
+            None => {
+                out.push_str("string (…)");
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -366,7 +435,7 @@ mod tests {
             ),
             (
                 "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"usage_checked_at\": \"soon\"}]}",
-                "accounts.json: accounts[0] (a): invalid type: string \"soon\", expected i64",
+                "accounts.json: accounts[0] (a): invalid type: string (4 characters), expected i64",
             ),
             ("[]", "accounts.json: the top level must be an object, found an array"),
             ("{\"accounts\": {}}", "accounts.json: accounts must be an array, found an object"),
@@ -398,11 +467,45 @@ mod tests {
             problems,
             [
                 "active_account must be a string or null, found 7",
-                "accounts[0] (a): invalid type: string \"no\", expected a boolean",
+                "accounts[0] (a): invalid type: string (2 characters), expected a boolean",
                 "accounts[1] (b): access_token is empty",
                 "accounts[2] (b): usage.primary.used_percent must be a number >= 0, found -1",
                 "accounts[2] (b): duplicate email, already used by accounts[1]",
             ]
+        );
+    }
+
+    #[test]
+    fn string_values_are_shown_only_by_length() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.c2lnbmF0dXJlLXNlY3JldA";
+        let text = format!(
+            r#"{{"active_account": ["{token}"], "accounts": [
+            {{"email": "a@x", "access_token": "x", "refresh_token": "y", "usage_checked_at": "{token}"}},
+            {{"email": "{token}", "access_token": "x", "refresh_token": "y", "disabled": "say \"hi\" \u00e9"}}
+        ]}}"#
+        );
+        let problems = AccountsFile::check(&text).unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "active_account must be a string or null, found an array".to_owned(),
+                format!(
+                    "accounts[0] (a@x): invalid type: string ({} characters), expected i64",
+                    token.len()
+                ),
+                format!(
+                    "accounts[1] (a string of {} characters): invalid type: string (10 characters), expected a boolean",
+                    token.len()
+                ),
+            ]
+        );
+        let err = AccountsFile::parse(&format!("{{\"accounts\": [], \"x\": \"{token}\" 1}}"))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains(token), "{err}");
+        assert_eq!(
+            redact_strings(r#"invalid value: string "a\"b\u{1f600}c", expected x; string "d""#),
+            "invalid value: string (5 characters), expected x; string (1 characters)"
         );
     }
 

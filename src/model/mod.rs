@@ -6,6 +6,7 @@ mod secret;
 
 pub use claims::Claims;
 pub use files::{
-    Account, AccountsFile, FailedFile, FileError, Usage, Window, ACCOUNTS_FILE, FAILED_FILE,
+    shown_email, Account, AccountsFile, FailedFile, FileError, Usage, Window, ACCOUNTS_FILE,
+    FAILED_FILE,
 };
 pub use secret::Secret;

@@ -28,6 +28,8 @@ pub const PLACEHOLDER_CLAIM: &str = "gibby_placeholder";
 pub struct Report {
     pub trace: String,
     pub problems: Vec<String>,
+    /// accounts.json and failed.json as the last request replayed left them.
+    pub files_after: (FileRead, FileRead),
 }
 
 impl Report {
@@ -115,6 +117,7 @@ pub fn replay(scenario: &Scenario) -> Report {
     Report {
         trace: r.out,
         problems: r.problems,
+        files_after: (r.accounts, r.failed),
     }
 }
 
@@ -216,7 +219,49 @@ impl Replay<'_> {
                 describe_expected(&got)
             ));
         }
+        if let Some(after) = &spec.files_after {
+            self.check_files_after(n, after);
+        }
         true
+    }
+
+    /// Compares the files as the request left them with the scenario's `files_after`: a
+    /// file given as JSON must parse to the same content, a file given as text must hold
+    /// that exact text, a file left out must be missing.
+    fn check_files_after(&mut self, n: usize, after: &scenario::Files) {
+        let (want_accounts, want_failed) = after.read();
+        let mut same = true;
+        for (file, want) in [
+            (StateFile::Accounts, want_accounts),
+            (StateFile::Failed, want_failed),
+        ] {
+            let got = self.slot(file).clone();
+            let parsed_expected = match file {
+                StateFile::Accounts => matches!(after.accounts, Some(scenario::Content::Parsed(_))),
+                StateFile::Failed => matches!(after.failed, Some(scenario::Content::Parsed(_))),
+            };
+            if files_match(file, &want, &got, parsed_expected) {
+                continue;
+            }
+            same = false;
+            let mut why = format!(
+                "request {n}: {} after the request differs from files_after\nexpected: {}\ngot: {}",
+                file.name(),
+                describe_file(file, &want),
+                describe_file(file, &got)
+            );
+            let changes = file_changes(file, &want, &got);
+            if !changes.is_empty() {
+                why += "\nfrom expected to got:";
+                for change in changes {
+                    why += &format!("\n  {change}");
+                }
+            }
+            self.problem(why);
+        }
+        if same {
+            self.line(2, "files after the request as expected");
+        }
     }
 
     fn slot(&mut self, file: StateFile) -> &mut FileRead {
@@ -329,6 +374,18 @@ impl Replay<'_> {
         for change in file_changes(file, before, after) {
             self.line(5, &change);
         }
+    }
+}
+
+/// Whether a file the request left matches what `files_after` says: the same content
+/// when the scenario gives it as JSON, else the same bytes (or both missing).
+fn files_match(file: StateFile, want: &FileRead, got: &FileRead, parsed: bool) -> bool {
+    match (want, got) {
+        (FileRead::Text(w), FileRead::Text(g)) if parsed => match file {
+            StateFile::Accounts => AccountsFile::parse(g).ok() == AccountsFile::parse(w).ok(),
+            StateFile::Failed => FailedFile::parse(g).ok() == FailedFile::parse(w).ok(),
+        },
+        (w, g) => w == g,
     }
 }
 

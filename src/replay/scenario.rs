@@ -10,13 +10,15 @@
 //!     {"call": "usage", "email": "a@example.com", "token": "at-a", "status": 200, "body": {...}},
 //!     {"call": "validate", "email": "a@example.com", "token": "at-a", "transport": "timed out"}
 //!   ],
-//!   "requests": [{"expect": {"token": {"email": "a@example.com", "access_token": "at-a"}}}]
+//!   "requests": [{"expect": {"token": {"email": "a@example.com", "access_token": "at-a"}},
+//!                 "files_after": {"accounts.json": {...}, "failed.json": null}}]
 //! }
 //! ```
 //!
 //! A state file is `null` (missing), the file as JSON, or a string holding its exact text
 //! (for files that do not parse, or whose bytes matter). Upstream answers are consumed in
-//! order; each names the call, the account and the token it expects to be asked with.
+//! order; each names the call, the account and the token it expects to be asked with. A
+//! request's optional `files_after` is what both files must hold once it has ended.
 
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -85,7 +87,7 @@ impl ScenarioSettings {
     }
 }
 
-/// Both state files as the first request finds them.
+/// Both state files: as the first request finds them, or as a request leaves them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Files {
@@ -281,6 +283,10 @@ pub struct RequestSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub edits: Vec<Edit>,
     pub expect: Expected,
+    /// What both files hold once the request has ended (gibby's writes and the edits
+    /// applied); checked when given. A file left out (or `null`) must be missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_after: Option<Files>,
 }
 
 /// Another writer's change, landing just before the request's n-th effect (from 1): a
