@@ -3,10 +3,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use serde_json::Value;
-
-const AUTH_CLAIM: &str = "https://api.openai.com/auth";
-const PROFILE_CLAIM: &str = "https://api.openai.com/profile";
+use serde::Deserialize;
 
 /// Claims of an access token or id_token. Every field is optional: tokens may be
 /// opaque strings, or JWTs without these claims.
@@ -29,27 +26,102 @@ impl Claims {
         let (_header, payload) = (parts.next()?, parts.next()?);
         parts.next()?;
         let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-        let json: Value = serde_json::from_slice(&bytes).ok()?;
-        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
-        // Some issuers write times as floats; whole seconds are all gibby needs.
-        let secs =
-            |v: Option<&Value>| v.and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)));
+        // Typed, so that the claims gibby does not read are skipped rather than built.
+        let payload: Payload = serde_json::from_slice(&bytes).ok()?;
         Some(Claims {
-            exp: secs(json.get("exp")),
-            iat: secs(json.get("iat")),
-            email: text(json.get(PROFILE_CLAIM).and_then(|p| p.get("email")))
-                .or_else(|| text(json.get("email"))),
-            account_id: text(
-                json.get(AUTH_CLAIM)
-                    .and_then(|a| a.get("chatgpt_account_id")),
-            ),
+            exp: payload.exp.map(|s| s.0),
+            iat: payload.iat.map(|s| s.0),
+            email: payload.profile.and_then(|p| p.email).or(payload.email),
+            account_id: payload.auth.and_then(|a| a.chatgpt_account_id),
         })
     }
+}
+
+/// The payload claims gibby reads. A claim of an unexpected type counts as absent.
+#[derive(Deserialize)]
+struct Payload {
+    #[serde(default, deserialize_with = "loose")]
+    exp: Option<Secs>,
+    #[serde(default, deserialize_with = "loose")]
+    iat: Option<Secs>,
+    #[serde(default, deserialize_with = "loose")]
+    email: Option<String>,
+    #[serde(
+        rename = "https://api.openai.com/auth",
+        default,
+        deserialize_with = "loose"
+    )]
+    auth: Option<AuthClaim>,
+    #[serde(
+        rename = "https://api.openai.com/profile",
+        default,
+        deserialize_with = "loose"
+    )]
+    profile: Option<ProfileClaim>,
+}
+
+#[derive(Deserialize)]
+struct AuthClaim {
+    #[serde(default, deserialize_with = "loose")]
+    chatgpt_account_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ProfileClaim {
+    #[serde(default, deserialize_with = "loose")]
+    email: Option<String>,
+}
+
+/// Unix seconds; some issuers write times as floats, and whole seconds are all gibby needs.
+struct Secs(i64);
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Secs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("unix seconds")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Secs, E> {
+                Ok(Secs(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Secs, E> {
+                i64::try_from(v).map(Secs).map_err(E::custom)
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Secs, E> {
+                Ok(Secs(v as i64))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A value of type `T`, or `None` when it has another type.
+fn loose<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Loose<T> {
+        Wanted(T),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Loose::<T>::deserialize(d)? {
+        Loose::Wanted(v) => Some(v),
+        Loose::Other(_) => None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    const AUTH_CLAIM: &str = "https://api.openai.com/auth";
+    const PROFILE_CLAIM: &str = "https://api.openai.com/profile";
 
     fn jwt(payload: &Value) -> String {
         let enc = |v: &[u8]| URL_SAFE_NO_PAD.encode(v);
@@ -84,6 +156,23 @@ mod tests {
         let claims = Claims::of(&token);
         assert_eq!(claims.email.as_deref(), Some("b@example.com"));
         assert_eq!(claims.exp, Some(5));
+    }
+
+    #[test]
+    fn claims_of_another_type_are_absent_and_the_rest_still_read() {
+        let token = jwt(&serde_json::json!({
+            "exp": "soon", "iat": 7, "email": 3,
+            AUTH_CLAIM: "not an object",
+            PROFILE_CLAIM: {"email": ["x"]},
+            "scp": ["openid", "email"], "nested": {"deep": [1, {"a": null}]}
+        }));
+        assert_eq!(
+            Claims::of(&token),
+            Claims {
+                iat: Some(7),
+                ..Claims::default()
+            }
+        );
     }
 
     #[test]
