@@ -408,7 +408,7 @@ async fn failed_json_with_a_wrong_type_when_an_account_must_move() {
             "failed.json: ".into(),
             // The position: the entry's index and email (DESIGN.md, as for accounts.json).
             "accounts[0] (old@example.com)".into(),
-            "invalid type: string \"no\", expected a boolean".into(),
+            "invalid type: string (2 characters), expected a boolean".into(),
             format!("{A} stays in accounts.json"),
         ],
     )
