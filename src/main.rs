@@ -56,7 +56,8 @@ enum Command {
     /// Serve a ready demo: an in-process fake upstream and a generated pool.
     ///
     /// The pool is written to --data-dir (replaced on every start); nothing reaches the
-    /// real upstream. GIBBY_LISTEN applies as for serve.
+    /// real upstream. The settings of serve apply (GIBBY_LISTEN, GIBBY_API_KEY, ...), except
+    /// GIBBY_DATA_DIR and the base URLs.
     Demo {
         /// Where the demo pool is written.
         #[arg(long, default_value = "./demo-data")]

@@ -44,6 +44,13 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         api_key = settings.api_key.is_some(),
         "gibby serving"
     );
+    if exposed_without_key(listen, settings.api_key.is_some()) {
+        tracing::warn!(
+            %listen,
+            "serving beyond this machine without GIBBY_API_KEY: anyone who can reach this \
+             address can take tokens; set GIBBY_API_KEY"
+        );
+    }
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
@@ -103,5 +110,27 @@ fn warn_about_files(dir: &std::path::Path) {
             "{}: does not exist yet; /token answers 503 until it does (gibby import adds accounts)",
             dir.join(ACCOUNTS_FILE).display()
         );
+    }
+}
+
+/// Whether others than this machine can reach `/token` and no key guards it.
+fn exposed_without_key(listen: std::net::SocketAddr, has_key: bool) -> bool {
+    !has_key && !listen.ip().is_loopback()
+}
+
+#[cfg(test)]
+mod exposure_tests {
+    use super::exposed_without_key;
+
+    #[test]
+    fn serving_beyond_loopback_without_a_key_is_flagged() {
+        let at = |a: &str| a.parse().unwrap();
+        assert!(exposed_without_key(at("0.0.0.0:8080"), false));
+        assert!(exposed_without_key(at("192.0.2.7:8080"), false));
+        assert!(exposed_without_key(at("[::]:8080"), false));
+        assert!(!exposed_without_key(at("0.0.0.0:8080"), true));
+        assert!(!exposed_without_key(at("127.0.0.1:8080"), false));
+        assert!(!exposed_without_key(at("127.3.4.5:8080"), false));
+        assert!(!exposed_without_key(at("[::1]:8080"), false));
     }
 }

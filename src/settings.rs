@@ -82,6 +82,19 @@ impl Settings {
                 }
                 .error("is set but empty; unset it to serve without a key"))
             }
+            // Header values carry visible ASCII only, and a key with a space or another
+            // character could never be sent as it is: no request would ever match it. The
+            // key is a secret, so the message shows only its length.
+            Some(key) if !key.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err(Var {
+                    variable: "GIBBY_API_KEY",
+                    value: format!("<{} characters, not shown>", key.chars().count()),
+                }
+                .error(
+                    "may hold only visible ASCII characters (no spaces): a client could \
+                     never send this key in an Authorization header",
+                ))
+            }
             other => other,
         };
         let record_dir = match lookup("GIBBY_RECORD_DIR") {
@@ -211,6 +224,8 @@ mod tests {
             ("GIBBY_USAGE_STALE_SECONDS", "-1"),
             ("GIBBY_USAGE_STALE_SECONDS", "1h"),
             ("GIBBY_API_KEY", ""),
+            ("GIBBY_API_KEY", "secret "),
+            ("GIBBY_API_KEY", "ключ"),
             ("GIBBY_CHATGPT_BASE_URL", "chatgpt.com"),
             ("GIBBY_AUTH_BASE_URL", "ftp://x"),
             ("GIBBY_CHATGPT_BASE_URL", "http://127.0.0.1:99999"),
@@ -226,6 +241,12 @@ mod tests {
         ];
         for (variable, value) in cases {
             let err = with(&[(variable, value)]).unwrap_err();
+            if variable == "GIBBY_API_KEY" && !value.trim().is_empty() {
+                assert!(
+                    !err.to_string().contains(value.trim()),
+                    "the key is a secret: {err}"
+                );
+            }
             assert_eq!(err.variable, variable, "{value}");
             assert!(
                 err.to_string().starts_with(&format!("{variable}=")),

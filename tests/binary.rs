@@ -257,3 +257,65 @@ fn serve_warns_about_state_files_others_can_read() {
     assert!(log.contains(&warning("failed.json", "0640")), "{log}");
     assert!(!log.contains("accounts.json: mode"), "{log}");
 }
+
+/// Refused requests leave a log line (without the key or any token), so an operator sees
+/// wrong keys, browser pages and rebinding attempts.
+#[tokio::test]
+async fn refused_requests_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("accounts.json"),
+        "{\"active_account\": null, \"accounts\": []}\n",
+    )
+    .unwrap();
+    let client = support::client();
+    let open = support::Gibby::start(dir.path(), "http://127.0.0.1:9", &[]);
+    let response = client
+        .get(format!("{}/token", open.url))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 403);
+    let log = open.log_handle();
+    assert!(
+        log.wait_for_line("refused /token for a host name", Duration::from_secs(10)),
+        "{}",
+        open.log()
+    );
+    drop(open);
+
+    let keyed = support::Gibby::start(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &[("GIBBY_API_KEY", "k3y-value")],
+    );
+    for (header, value, line) in [
+        (
+            "authorization",
+            "Bearer wrong",
+            "refused /token: unauthorized",
+        ),
+        (
+            "origin",
+            "http://evil.example",
+            "refused a request from a web page",
+        ),
+    ] {
+        let response = client
+            .get(format!("{}/token", keyed.url))
+            .header(header, value)
+            .send()
+            .await
+            .unwrap();
+        assert!([401, 403].contains(&response.status().as_u16()));
+        assert!(
+            keyed
+                .log_handle()
+                .wait_for_line(line, Duration::from_secs(10)),
+            "{}",
+            keyed.log()
+        );
+    }
+    assert!(!keyed.log().contains("k3y-value"));
+}

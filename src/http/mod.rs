@@ -34,12 +34,56 @@ pub fn app(state: AppState) -> Router {
 /// cross-site requests): browsers always send `Origin` on such requests.
 async fn refuse_browsers(request: Request, next: Next) -> Response {
     if request.headers().contains_key(header::ORIGIN) {
+        tracing::warn!(
+            path = request.uri().path(),
+            "refused a request from a web page (Origin header)"
+        );
         return AppError::OriginRefused.into_response();
     }
     next.run(request).await
 }
 
-async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, AppError> {
+/// Whether `Host` names this machine in a way no DNS rebinding can forge: an IP address,
+/// `localhost`, or no `Host` at all. A web page that rebinds its own name to 127.0.0.1 makes
+/// the browser send that name, and no `Origin` on a same-origin `fetch`.
+fn host_is_not_a_name(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        // `[::1]:8080`: an IPv6 literal.
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok())
+        }
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.eq_ignore_ascii_case("localhost.")
+}
+
+async fn token(
+    State(state): State<AppState>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    // A HEAD would run the whole request (upstream calls, writes) to send no token.
+    if method != axum::http::Method::GET {
+        return Err(AppError::MethodNotAllowed);
+    }
+    if state.api_key.is_none() && !host_is_not_a_name(&headers) {
+        tracing::warn!(
+            host = ?headers.get(header::HOST),
+            "refused /token for a host name: without GIBBY_API_KEY only requests addressed to an IP address or localhost are served (DNS rebinding)"
+        );
+        return Err(AppError::HostRefused);
+    }
     if let Some(key) = &state.api_key {
         let given = headers
             .get(header::AUTHORIZATION)
@@ -49,6 +93,14 @@ async fn token(State(state): State<AppState>, headers: HeaderMap) -> Result<Resp
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map_or("", |(_, key)| key.trim_start_matches(' '));
         if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            tracing::warn!(
+                authorization = if given.is_empty() {
+                    "missing"
+                } else {
+                    "wrong key"
+                },
+                "refused /token: unauthorized"
+            );
             return Err(AppError::Unauthorized);
         }
     }
@@ -153,6 +205,10 @@ pub enum AppError {
     Unauthorized,
     /// The request came from a browser page.
     OriginRefused,
+    /// Without an API key, the request named this host by a DNS name (rebinding).
+    HostRefused,
+    /// `/token` answers only GET.
+    MethodNotAllowed,
     /// Every account was passed over.
     NoUsableAccount {
         passed_over: Vec<PassOver>,
@@ -215,6 +271,20 @@ impl IntoResponse for AppError {
                 ),
                 None,
             ),
+            AppError::HostRefused => (
+                StatusCode::FORBIDDEN,
+                ErrorBody::new(
+                    "host_refused",
+                    "without GIBBY_API_KEY, /token answers only requests addressed to an IP \
+                     address or localhost (a host name could be a DNS rebinding attack)",
+                ),
+                None,
+            ),
+            AppError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorBody::new("method_not_allowed", "/token answers GET only"),
+                None,
+            ),
             AppError::NoUsableAccount {
                 passed_over,
                 retry_after,
@@ -249,6 +319,11 @@ impl IntoResponse for AppError {
         };
         let mut response = (status, Json(body)).into_response();
         no_store(&mut response);
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
