@@ -87,6 +87,36 @@ fn a_bad_setting_stops_startup() {
     }
 }
 
+/// A recording folder that cannot be made stops startup naming GIBBY_RECORD_DIR, instead of
+/// a warning on every request; one that can is made 0700.
+#[test]
+fn an_unusable_record_dir_stops_startup() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    let output = gibby()
+        .arg("serve")
+        .env("GIBBY_DATA_DIR", dir.path())
+        .env("GIBBY_LISTEN", "127.0.0.1:0")
+        .env("GIBBY_RECORD_DIR", dir.path().join("a-file/sub"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("GIBBY_RECORD_DIR="), "{stderr}");
+
+    let record = dir.path().join("record/deeper");
+    let record_env = record.to_string_lossy().into_owned();
+    let gibby = support::Gibby::start(
+        dir.path(),
+        "http://127.0.0.1:9",
+        &[("GIBBY_RECORD_DIR", record_env.as_str())],
+    );
+    let mode = std::fs::metadata(&record).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    drop(gibby);
+}
+
 /// Usage errors exit 2 too, and --help works for every subcommand.
 #[test]
 fn command_line_usage() {
