@@ -110,12 +110,12 @@ impl AccountsFile {
                 None
             }
         };
-        let indexed = accounts(top.remove("accounts"), &mut problems);
+        let indexed = accounts(top.remove("accounts"), Emails::Addresses, &mut problems);
         for (n, (i, account)) in indexed.iter().enumerate() {
             if let Some((first, _)) = indexed[..n].iter().find(|(_, a)| a.email == account.email) {
                 problems.push(format!(
-                    "accounts[{i}] ({}): duplicate email, already used by accounts[{first}]",
-                    shown_email(&account.email)
+                    "{}: duplicate email, already used by accounts[{first}]",
+                    position(*i, Some(&account.email))
                 ));
             }
         }
@@ -152,7 +152,7 @@ impl FailedFile {
 
     pub fn check(text: &str) -> Result<Self, Vec<String>> {
         let (mut top, mut problems) = object(text, &["accounts"])?;
-        let accounts = accounts(top.remove("accounts"), &mut problems);
+        let accounts = accounts(top.remove("accounts"), Emails::Any, &mut problems);
         if problems.is_empty() {
             let accounts = accounts.into_iter().map(|(_, a)| a).collect();
             Ok(FailedFile { accounts })
@@ -198,9 +198,31 @@ fn object(text: &str, known: &[&str]) -> Result<(Map<String, Value>, Problems), 
     Ok((top, problems))
 }
 
+/// Whether a file's emails must look like addresses. accounts.json's must: a token pasted
+/// into `email` would otherwise pass as a name and be shown by `status`, the log and
+/// `/token`. failed.json keeps whatever was moved there, so an old one stays readable.
+#[derive(Clone, Copy, PartialEq)]
+enum Emails {
+    Addresses,
+    Any,
+}
+
+/// `accounts[i] (email)`, or only `accounts[i]` when the email is missing or holds no `@`:
+/// a value that is not an address is never echoed.
+fn position(i: usize, email: Option<&str>) -> String {
+    match email {
+        Some(email) if email.contains('@') => format!("accounts[{i}] ({})", shown_email(email)),
+        _ => format!("accounts[{i}]"),
+    }
+}
+
 /// Each account of the `accounts` array with its index; a problem (with
 /// `accounts[i] (email)`) for each one that does not fit the schema.
-fn accounts(value: Option<Value>, problems: &mut Vec<String>) -> Vec<(usize, Account)> {
+fn accounts(
+    value: Option<Value>,
+    emails: Emails,
+    problems: &mut Vec<String>,
+) -> Vec<(usize, Account)> {
     let items = match value {
         Some(Value::Array(items)) => items,
         None => {
@@ -214,13 +236,10 @@ fn accounts(value: Option<Value>, problems: &mut Vec<String>) -> Vec<(usize, Acc
     };
     let mut accounts = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        let at = match item.get("email").and_then(Value::as_str) {
-            Some(email) => format!("accounts[{i}] ({})", shown_email(email)),
-            None => format!("accounts[{i}]"),
-        };
+        let at = position(i, item.get("email").and_then(Value::as_str));
         match Account::deserialize(item) {
             Ok(account) => {
-                problems.extend(account_problems(&at, &account));
+                problems.extend(account_problems(&at, &account, emails));
                 accounts.push((i, account));
             }
             Err(e) => problems.push(format!("{at}: {}", redact_strings(&e.to_string()))),
@@ -308,10 +327,15 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-fn account_problems(at: &str, a: &Account) -> Vec<String> {
+fn account_problems(at: &str, a: &Account, emails: Emails) -> Vec<String> {
     let mut problems = Vec::new();
     if a.email.trim().is_empty() {
         problems.push(format!("{at}: email is empty"));
+    } else if emails == Emails::Addresses && !a.email.contains('@') {
+        problems.push(format!(
+            "{at}: email must be an email address ({} characters, no @)",
+            a.email.chars().count()
+        ));
     }
     if a.access_token.is_empty() {
         problems.push(format!("{at}: access_token is empty"));
@@ -430,19 +454,19 @@ mod tests {
                 "accounts.json: unknown field `extra` at the top level",
             ),
             (
-                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"token\": 1}]}",
-                "accounts.json: accounts[0] (a): unknown field `token`",
+                "{\"accounts\": [{\"email\": \"a@x\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"token\": 1}]}",
+                "accounts.json: accounts[0] (a@x): unknown field `token`",
             ),
             (
-                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"usage_checked_at\": \"soon\"}]}",
-                "accounts.json: accounts[0] (a): invalid type: string (4 characters), expected i64",
+                "{\"accounts\": [{\"email\": \"a@x\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"usage_checked_at\": \"soon\"}]}",
+                "accounts.json: accounts[0] (a@x): invalid type: string (4 characters), expected i64",
             ),
             ("[]", "accounts.json: the top level must be an object, found an array"),
             ("{\"accounts\": {}}", "accounts.json: accounts must be an array, found an object"),
             ("{}", "accounts.json: missing field `accounts`"),
             (
-                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\"}, {\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\"}]}",
-                "accounts.json: accounts[1] (a): duplicate email, already used by accounts[0]",
+                "{\"accounts\": [{\"email\": \"a@x\", \"access_token\": \"x\", \"refresh_token\": \"y\"}, {\"email\": \"a@x\", \"access_token\": \"x\", \"refresh_token\": \"y\"}]}",
+                "accounts.json: accounts[1] (a@x): duplicate email, already used by accounts[0]",
             ),
         ];
         for (text, expected) in cases {
@@ -458,19 +482,19 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let text = r#"{"accounts": [
-            {"email": "a", "access_token": "x", "refresh_token": "y", "disabled": "no"},
-            {"email": "b", "access_token": "", "refresh_token": "y"},
-            {"email": "b", "access_token": "x", "refresh_token": "y", "usage": {"primary": {"used_percent": -1, "reset_at": 1}}}
+            {"email": "a@x", "access_token": "x", "refresh_token": "y", "disabled": "no"},
+            {"email": "b@x", "access_token": "", "refresh_token": "y"},
+            {"email": "b@x", "access_token": "x", "refresh_token": "y", "usage": {"primary": {"used_percent": -1, "reset_at": 1}}}
         ], "active_account": 7}"#;
         let problems = AccountsFile::check(text).unwrap_err();
         assert_eq!(
             problems,
             [
                 "active_account must be a string or null, found 7",
-                "accounts[0] (a): invalid type: string (2 characters), expected a boolean",
-                "accounts[1] (b): access_token is empty",
-                "accounts[2] (b): usage.primary.used_percent must be a number >= 0, found -1",
-                "accounts[2] (b): duplicate email, already used by accounts[1]",
+                "accounts[0] (a@x): invalid type: string (2 characters), expected a boolean",
+                "accounts[1] (b@x): access_token is empty",
+                "accounts[2] (b@x): usage.primary.used_percent must be a number >= 0, found -1",
+                "accounts[2] (b@x): duplicate email, already used by accounts[1]",
             ]
         );
     }
@@ -493,10 +517,7 @@ mod tests {
                     "accounts[0] (a@x): invalid type: string ({} characters), expected i64",
                     token.len()
                 ),
-                format!(
-                    "accounts[1] (a string of {} characters): invalid type: string (10 characters), expected a boolean",
-                    token.len()
-                ),
+                "accounts[1]: invalid type: string (10 characters), expected a boolean".to_owned(),
             ]
         );
         let err = AccountsFile::parse(&format!("{{\"accounts\": [], \"x\": \"{token}\" 1}}"))
@@ -506,6 +527,68 @@ mod tests {
         assert_eq!(
             redact_strings(r#"invalid value: string "a\"b\u{1f600}c", expected x; string "d""#),
             "invalid value: string (5 characters), expected x; string (1 characters)"
+        );
+    }
+
+    /// A token pasted into `email` is a problem, shown only by its length: otherwise `check`
+    /// passes it and `status`, the log and `/token` show it as the account's name.
+    #[test]
+    fn an_email_without_an_at_sign_is_a_problem_never_echoed() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.c2lnbmF0dXJlLXNlY3JldA";
+        let text = format!(
+            r#"{{"active_account": null, "accounts": [
+            {{"email": "{token}", "access_token": "x", "refresh_token": "y"}},
+            {{"email": "abc", "access_token": "x", "refresh_token": "y"}},
+            {{"email": "abc", "access_token": "x", "refresh_token": "y"}},
+            {{"email": "a@x", "access_token": "x", "refresh_token": "y"}}
+        ]}}"#
+        );
+        let problems = AccountsFile::check(&text).unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                format!(
+                    "accounts[0]: email must be an email address ({} characters, no @)",
+                    token.len()
+                ),
+                "accounts[1]: email must be an email address (3 characters, no @)".to_owned(),
+                "accounts[2]: email must be an email address (3 characters, no @)".to_owned(),
+                "accounts[2]: duplicate email, already used by accounts[1]".to_owned(),
+            ]
+        );
+        let err = AccountsFile::parse(&text).unwrap_err().to_string();
+        assert!(!err.contains(token) && !err.contains("abc"), "{err}");
+        // failed.json keeps what was moved there: an old one stays readable.
+        let failed = text.replace("\"active_account\": null, ", "");
+        assert_eq!(FailedFile::parse(&failed).unwrap().accounts.len(), 4);
+    }
+
+    /// Figures only, no assertion: `cargo test --release --lib parse_figures -- --ignored
+    /// --nocapture` prints what parsing a 1,000-account file costs (it runs on every change).
+    #[test]
+    #[ignore]
+    #[allow(clippy::disallowed_methods)]
+    fn parse_figures_for_a_thousand_accounts() {
+        let one = AccountsFile::parse(SAMPLE).unwrap().accounts.remove(0);
+        let file = AccountsFile {
+            active_account: None,
+            accounts: (0..1000)
+                .map(|i| Account {
+                    email: format!("user{i}@example.com"),
+                    ..one.clone()
+                })
+                .collect(),
+        };
+        let text = file.to_text();
+        let runs = 50;
+        let start = std::time::Instant::now();
+        for _ in 0..runs {
+            assert_eq!(AccountsFile::parse(&text).unwrap().accounts.len(), 1000);
+        }
+        println!(
+            "1,000 accounts ({} bytes): {:?} per parse",
+            text.len(),
+            start.elapsed() / runs
         );
     }
 
