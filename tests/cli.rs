@@ -74,6 +74,11 @@ fn import_adds_then_updates_in_place() {
 
     let first = gibby(&data, &["import", auth.to_str().unwrap()]);
     assert_eq!(first.status.code(), Some(0), "{}", out(&first));
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o700,
+        "import creates the data directory for its user only"
+    );
     assert!(
         out(&first).contains("new@example.com: added"),
         "{}",
