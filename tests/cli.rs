@@ -74,6 +74,11 @@ fn import_adds_then_updates_in_place() {
 
     let first = gibby(&data, &["import", auth.to_str().unwrap()]);
     assert_eq!(first.status.code(), Some(0), "{}", out(&first));
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o700,
+        "import creates the data directory for its user only"
+    );
     assert!(
         out(&first).contains("new@example.com: added"),
         "{}",
@@ -176,8 +181,8 @@ fn import_refuses_what_it_cannot_pool() {
 fn check_reports_every_problem() {
     let dir = tempfile::tempdir().unwrap();
     let broken = r#"{"accounts": [
-        {"email": "a", "access_token": "x", "refresh_token": "y", "colour": "red"},
-        {"email": "a", "access_token": "x", "refresh_token": "y"}
+        {"email": "a@x", "access_token": "x", "refresh_token": "y", "colour": "red"},
+        {"email": "a@x", "access_token": "x", "refresh_token": "y"}
     ]}"#;
     write(dir.path(), "accounts.json", broken);
     write(dir.path(), "failed.json", "{\"accounts\": 1}");
@@ -190,7 +195,7 @@ fn check_reports_every_problem() {
     assert_eq!(o.status.code(), Some(1));
     let text = out(&o);
     for expected in [
-        "accounts.json: accounts[0] (a): unknown field `colour`",
+        "accounts.json: accounts[0] (a@x): unknown field `colour`",
         "failed.json: accounts must be an array, found a number",
         "failed.json: mode 0644 lets other users read the tokens",
     ] {
@@ -242,4 +247,26 @@ fn status_json_has_no_tokens() {
     let missing = gibby(&dir.path().join("nowhere"), &["status"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(out(&missing).contains("accounts.json: does not exist"));
+}
+
+/// A token pasted into `email` is a problem for check, shown only by its length, and status
+/// never prints it as the account's name.
+#[test]
+fn a_token_pasted_into_email_is_a_problem_and_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = jwt(serde_json::json!({"exp": 4_000_000_000i64}));
+    let text = format!(
+        r#"{{"active_account": null, "accounts": [{{"email": "{token}", "access_token": "x", "refresh_token": "y"}}]}}"#
+    );
+    write(dir.path(), "accounts.json", &text);
+    let o = gibby(dir.path(), &["check"]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    let expected = format!(
+        "accounts.json: accounts[0]: email must be an email address ({} characters, no @)",
+        token.len()
+    );
+    assert!(out(&o).contains(&expected), "{}", out(&o));
+    assert!(!out(&o).contains(&token), "{}", out(&o));
+    let status = gibby(dir.path(), &["status"]);
+    assert!(!out(&status).contains(&token), "{}", out(&status));
 }

@@ -67,6 +67,8 @@ async fn a_recorded_request_replays_to_the_same_outcome_without_any_token() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
+    let mode = std::fs::metadata(&record_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the recording directory is its user's only");
     assert_eq!(files.len(), 1, "{files:?}");
     let path = &files[0];
     let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;

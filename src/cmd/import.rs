@@ -92,7 +92,7 @@ pub fn apply(file: &mut AccountsFile, imported: &Imported) -> &'static str {
 /// Locks the data directory, re-reads accounts.json, applies the import and writes it
 /// if nobody changed it meanwhile (retrying on a hand edit, three times at most).
 pub async fn run(store: &Store, imported: &Imported) -> Result<&'static str, String> {
-    fs_err::create_dir_all(store.dir()).map_err(|e| e.to_string())?;
+    crate::io::store::create_private_dir_all(store.dir()).map_err(|e| e.to_string())?;
     let _lock = store
         .lock()
         .await

@@ -213,52 +213,60 @@ fn others(outcome: &Outcome) -> &Others {
 fn the_answer_accounts_for_every_account_not_chosen() {
     // Active and usable: the others were not looked at.
     let mut world = World::new(&pool(
-        Some("b"),
-        vec![account("a", 10), account("b", 50), account("c", 90)],
+        Some("b@x"),
+        vec![account("a@x", 10), account("b@x", 50), account("c@x", 90)],
     ));
     let outcome = world.run(&mut |_| models());
     assert_eq!(others(&outcome), &Others::NotNeeded(2));
 
     // Fallback: the usable ones not chosen, in file order; the passed-over one is not here.
-    let mut off = account("off", 80);
+    let mut off = account("off@x", 80);
     off.disabled = true;
     let mut world = World::new(&pool(
         None,
-        vec![account("a", 10), off, account("b", 50), account("c", 30)],
+        vec![
+            account("a@x", 10),
+            off,
+            account("b@x", 50),
+            account("c@x", 30),
+        ],
     ));
     let outcome = world.run(&mut |_| models());
-    assert_eq!(served(&outcome), "b");
+    assert_eq!(served(&outcome), "b@x");
     assert_eq!(
         others(&outcome),
-        &Others::RankedLower(vec!["a".into(), "c".into()])
+        &Others::RankedLower(vec!["a@x".into(), "c@x".into()])
     );
 }
 
 #[test]
 fn steady_state_reads_validates_and_writes_nothing() {
-    let mut world = World::new(&pool(Some("a"), vec![account("a", 10), account("b", 50)]));
+    let mut world = World::new(&pool(
+        Some("a@x"),
+        vec![account("a@x", 10), account("b@x", 50)],
+    ));
     let outcome = world.run(&mut |_| models());
-    assert_eq!(served(&outcome), "a");
-    assert_eq!(world.trace, ["read", "validate a"]);
+    assert_eq!(served(&outcome), "a@x");
+    assert_eq!(world.trace, ["read", "validate a@x"]);
 }
 
 #[test]
 fn stale_usage_is_fetched_once_and_persisted_at_the_end() {
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.usage_checked_at = Some(NOW - 4000);
-    let mut world = World::new(&pool(Some("a"), vec![a]));
+    let mut world = World::new(&pool(Some("a@x"), vec![a]));
     let usage = r#"{"rate_limit": {"primary_window": {"used_percent": 42, "limit_window_seconds": 18000, "reset_at": 1000500}, "secondary_window": null}}"#;
     let outcome = world.run(&mut |e| match e {
         Effect::FetchUsage { .. } => ok(usage),
         _ => models(),
     });
-    assert_eq!(served(&outcome), "a");
+    assert_eq!(served(&outcome), "a@x");
     assert_eq!(
         world.trace,
         [
             "read",
-            "usage a",
-            "validate a",
+            "usage a@x",
+            "validate a@x",
             "lock",
             "read",
             "write accounts.json",
@@ -275,32 +283,32 @@ fn stale_usage_is_fetched_once_and_persisted_at_the_end() {
 
 #[test]
 fn fallback_fetches_stale_accounts_together_and_takes_the_fullest() {
-    let mut b = account("b", 0);
+    let mut b = account("b@x", 0);
     b.usage = None;
-    let mut c = account("c", 0);
+    let mut c = account("c@x", 0);
     c.usage = None;
-    let mut world = World::new(&pool(Some("a"), vec![account("a", 99), b, c]));
+    let mut world = World::new(&pool(Some("a@x"), vec![account("a@x", 99), b, c]));
     let outcome = world.run(&mut |e| match e {
         Effect::FetchUsage { email, .. } => {
-            let pct = if email == "b" { 30 } else { 60 };
+            let pct = if email == "b@x" { 30 } else { 60 };
             ok(&format!(r#"{{"rate_limit": {{"primary_window": {{"used_percent": {pct}, "limit_window_seconds": 18000, "reset_after_seconds": 50}}}}}}"#))
         }
         _ => models(),
     });
-    assert_eq!(served(&outcome), "c");
-    assert_eq!(world.trace[..3], ["read", "usage b", "usage c"]);
-    assert_eq!(world.accounts().active_account.as_deref(), Some("c"));
+    assert_eq!(served(&outcome), "c@x");
+    assert_eq!(world.trace[..3], ["read", "usage b@x", "usage c@x"]);
+    assert_eq!(world.accounts().active_account.as_deref(), Some("c@x"));
 }
 
 #[test]
 fn due_token_is_refreshed_under_the_lock_before_validation() {
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.token_refresh_at = Some(NOW);
-    let mut world = World::new(&pool(Some("a"), vec![a]));
+    let mut world = World::new(&pool(Some("a@x"), vec![a]));
     let mut validated = Vec::new();
     let outcome = world.run(&mut |e| match e {
         Effect::RefreshToken { refresh_token, .. } => {
-            assert_eq!(refresh_token.expose(), "rt-a");
+            assert_eq!(refresh_token.expose(), "rt-a@x");
             ok(r#"{"access_token": "new-at", "refresh_token": "new-rt", "expires_in": 864000}"#)
         }
         Effect::Validate { access_token, .. } => {
@@ -309,7 +317,7 @@ fn due_token_is_refreshed_under_the_lock_before_validation() {
         }
         _ => unreachable!(),
     });
-    assert_eq!(served(&outcome), "a");
+    assert_eq!(served(&outcome), "a@x");
     assert_eq!(validated, ["new-at"]);
     assert_eq!(
         world.trace,
@@ -317,10 +325,10 @@ fn due_token_is_refreshed_under_the_lock_before_validation() {
             "read",
             "lock",
             "read",
-            "refresh a",
+            "refresh a@x",
             "write accounts.json",
             "unlock",
-            "validate a"
+            "validate a@x"
         ]
     );
     let stored = &world.accounts().accounts[0];
@@ -333,15 +341,15 @@ fn due_token_is_refreshed_under_the_lock_before_validation() {
 
 #[test]
 fn a_refresh_done_elsewhere_is_adopted_without_a_call() {
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.token_refresh_at = Some(NOW - 5);
-    let mut world = World::new(&pool(Some("a"), vec![a.clone()]));
+    let mut world = World::new(&pool(Some("a@x"), vec![a.clone()]));
     // Another writer rotates the tokens between our first read and our locked read.
     let mut rotated = a;
     rotated.access_token = Secret::new("their-at");
     rotated.refresh_token = Secret::new("their-rt");
     rotated.token_refresh_at = Some(NOW + 5000);
-    let rotated_text = pool(Some("a"), vec![rotated]).to_text();
+    let rotated_text = pool(Some("a@x"), vec![rotated]).to_text();
     let mut request = TokenRequest::new(NOW, Policy::default());
     assert_eq!(request.poll_effect(), Some(Effect::ReadFiles));
     request.handle(Event::FilesRead {
@@ -368,9 +376,9 @@ fn a_refresh_done_elsewhere_is_adopted_without_a_call() {
 
 #[test]
 fn an_account_disabled_before_the_locked_read_is_neither_refreshed_nor_served() {
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.token_refresh_at = Some(NOW - 5);
-    let file = pool(Some("a"), vec![a.clone(), account("b", 5)]);
+    let file = pool(Some("a@x"), vec![a.clone(), account("b@x", 5)]);
     let mut request = TokenRequest::new(NOW, Policy::default());
     assert_eq!(request.poll_effect(), Some(Effect::ReadFiles));
     request.handle(Event::FilesRead {
@@ -390,23 +398,26 @@ fn an_account_disabled_before_the_locked_read_is_neither_refreshed_nor_served() 
     assert_eq!(request.poll_effect(), Some(Effect::Unlock));
     request.handle(Event::Unlocked);
     match request.poll_effect() {
-        Some(Effect::Validate { email, .. }) => assert_eq!(email, "b"),
+        Some(Effect::Validate { email, .. }) => assert_eq!(email, "b@x"),
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn an_invalid_token_is_moved_whole_and_the_next_account_served() {
-    let mut world = World::new(&pool(Some("a"), vec![account("a", 10), account("b", 5)]));
+    let mut world = World::new(&pool(
+        Some("a@x"),
+        vec![account("a@x", 10), account("b@x", 5)],
+    ));
     let before = world.accounts().accounts[0].clone();
     let outcome = world.run(&mut |e| match e {
-        Effect::Validate { email, .. } if email == "a" => status(
+        Effect::Validate { email, .. } if email == "a@x" => status(
             401,
             r#"{"detail": "Could not parse your authentication token."}"#,
         ),
         _ => models(),
     });
-    assert_eq!(served(&outcome), "b");
+    assert_eq!(served(&outcome), "b@x");
     assert_eq!(world.failed().accounts, vec![before]);
     assert_eq!(
         world
@@ -415,20 +426,20 @@ fn an_invalid_token_is_moved_whole_and_the_next_account_served() {
             .iter()
             .map(|a| a.email.as_str())
             .collect::<Vec<_>>(),
-        ["b"]
+        ["b@x"]
     );
-    assert_eq!(world.accounts().active_account.as_deref(), Some("b"));
+    assert_eq!(world.accounts().active_account.as_deref(), Some("b@x"));
     assert_eq!(
         world.trace,
         [
             "read",
-            "validate a",
+            "validate a@x",
             "lock",
             "read",
             "write failed.json",
             "write accounts.json",
             "unlock",
-            "validate b",
+            "validate b@x",
             "lock",
             "read",
             "write accounts.json",
@@ -439,7 +450,7 @@ fn an_invalid_token_is_moved_whole_and_the_next_account_served() {
 
 #[test]
 fn transient_failures_keep_every_account() {
-    let file = pool(Some("a"), vec![account("a", 10), account("b", 5)]);
+    let file = pool(Some("a@x"), vec![account("a@x", 10), account("b@x", 5)]);
     let mut world = World::new(&file);
     let outcome = world.run(&mut |_| status(503, "<html>down</html>"));
     match outcome {
@@ -458,14 +469,14 @@ fn transient_failures_keep_every_account() {
 
 #[test]
 fn a_corrupt_failed_json_keeps_the_account_and_the_file() {
-    let file = pool(Some("a"), vec![account("a", 10)]);
+    let file = pool(Some("a@x"), vec![account("a@x", 10)]);
     let mut world = World::new(&file);
     world.failed = FileRead::Text("{not json".into());
     let outcome = world.run(&mut |_| status(401, "{}"));
     match outcome {
         Outcome::InvalidStateFile { detail } => {
             assert!(detail.starts_with("failed.json: "), "{detail}");
-            assert!(detail.ends_with("a stays in accounts.json"), "{detail}");
+            assert!(detail.ends_with("a@x stays in accounts.json"), "{detail}");
         }
         other => panic!("{other:?}"),
     }
@@ -475,10 +486,10 @@ fn a_corrupt_failed_json_keeps_the_account_and_the_file() {
 
 #[test]
 fn a_hand_edit_under_the_lock_is_kept_and_the_change_redone() {
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.usage_checked_at = Some(NOW - 4000);
-    let mut world = World::new(&pool(Some("a"), vec![a.clone(), account("b", 5)]));
-    let mut edited = pool(Some("a"), vec![a, account("b", 5)]);
+    let mut world = World::new(&pool(Some("a@x"), vec![a.clone(), account("b@x", 5)]));
+    let mut edited = pool(Some("a@x"), vec![a, account("b@x", 5)]);
     edited.accounts[1].disabled = true;
     world.edit_before_write = Some(edited.to_text());
     let usage = r#"{"rate_limit": {"primary_window": {"used_percent": 42, "limit_window_seconds": 18000, "reset_after_seconds": 100}}}"#;
@@ -486,7 +497,7 @@ fn a_hand_edit_under_the_lock_is_kept_and_the_change_redone() {
         Effect::FetchUsage { .. } => ok(usage),
         _ => models(),
     });
-    assert_eq!(served(&outcome), "a");
+    assert_eq!(served(&outcome), "a@x");
     let stored = world.accounts();
     assert!(stored.accounts[1].disabled, "the hand edit survives");
     assert_eq!(
@@ -498,8 +509,8 @@ fn a_hand_edit_under_the_lock_is_kept_and_the_change_redone() {
         world.trace,
         [
             "read",
-            "usage a",
-            "validate a",
+            "usage a@x",
+            "validate a@x",
             "lock",
             "read",
             "write accounts.json",
@@ -512,23 +523,26 @@ fn a_hand_edit_under_the_lock_is_kept_and_the_change_redone() {
 
 #[test]
 fn an_interrupted_move_is_finished_on_the_next_read() {
-    let mut world = World::new(&pool(Some("a"), vec![account("a", 10), account("b", 5)]));
+    let mut world = World::new(&pool(
+        Some("a@x"),
+        vec![account("a@x", 10), account("b@x", 5)],
+    ));
     world.failed = FileRead::Text(
         FailedFile {
-            accounts: vec![account("a", 10)],
+            accounts: vec![account("a@x", 10)],
         }
         .to_text()
         .into(),
     );
     let outcome = world.run(&mut |_| models());
-    assert_eq!(served(&outcome), "b");
+    assert_eq!(served(&outcome), "b@x");
     assert_eq!(world.accounts().accounts.len(), 1);
     assert_eq!(world.failed().accounts.len(), 1, "not appended twice");
 }
 
 /// A never-checked account whose token is due: usage rejects the old token.
 fn due_and_unchecked() -> AccountsFile {
-    let mut a = account("a", 0);
+    let mut a = account("a@x", 0);
     a.usage = None;
     a.usage_checked_at = None;
     a.token_refresh_at = None;
@@ -543,26 +557,26 @@ const REFRESHED: &str =
 fn usage_401_for_a_due_token_is_refreshed_and_retried_before_any_verdict() {
     let mut world = World::new(&due_and_unchecked());
     let outcome = world.run(&mut |e| match e {
-        Effect::FetchUsage { access_token, .. } if access_token.expose() == "at-a" => {
+        Effect::FetchUsage { access_token, .. } if access_token.expose() == "at-a@x" => {
             status(401, "{}")
         }
         Effect::FetchUsage { .. } => ok(USAGE_OK),
         Effect::RefreshToken { .. } => ok(REFRESHED),
         _ => models(),
     });
-    assert_eq!(served(&outcome), "a");
+    assert_eq!(served(&outcome), "a@x");
     assert_eq!(
         world.trace,
         [
             "read",
-            "usage a",
+            "usage a@x",
             "lock",
             "read",
-            "refresh a",
+            "refresh a@x",
             "write accounts.json",
             "unlock",
-            "usage a",
-            "validate a",
+            "usage a@x",
+            "validate a@x",
             "lock",
             "read",
             "write accounts.json",
@@ -620,7 +634,7 @@ fn usage_401_after_a_failed_refresh_keeps_the_account() {
 #[test]
 fn a_refresh_that_failed_transiently_is_not_tried_again_in_the_same_request() {
     let mut file = due_and_unchecked();
-    let stored = account("a", 0);
+    let stored = account("a@x", 0);
     file.accounts[0].usage = stored.usage;
     file.accounts[0].usage_checked_at = Some(NOW - 7200);
     let mut world = World::new(&file);
@@ -637,13 +651,13 @@ fn a_refresh_that_failed_transiently_is_not_tried_again_in_the_same_request() {
         world.trace,
         [
             "read",
-            "usage a",
+            "usage a@x",
             "lock",
             "read",
-            "refresh a",
+            "refresh a@x",
             "unlock",
-            "usage a",
-            "validate a"
+            "usage a@x",
+            "validate a@x"
         ]
     );
     assert_eq!(world.accounts(), file);
@@ -660,9 +674,9 @@ fn refresh_rejected_then(
     during_call: impl FnOnce(&mut World),
     validation: Reply,
 ) -> (World, Outcome) {
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.token_refresh_at = Some(NOW);
-    let mut world = World::new(&pool(Some("a"), vec![a]));
+    let mut world = World::new(&pool(Some("a@x"), vec![a]));
     let mut request = TokenRequest::new(NOW, Policy::default());
     let mut during_call = Some(during_call);
     let reused = r#"{"error": {"message": "already used", "type": "invalid_request_error", "param": null, "code": "refresh_token_reused"}}"#;
@@ -747,10 +761,10 @@ fn refresh_token_reused_after_another_writer_rotated_uses_their_tokens() {
             "read",
             "lock",
             "read",
-            "refresh a",
+            "refresh a@x",
             "read",
             "unlock",
-            "validate a"
+            "validate a@x"
         ]
     );
 }
@@ -759,10 +773,10 @@ fn refresh_token_reused_after_another_writer_rotated_uses_their_tokens() {
 fn a_refresh_that_failed_transiently_is_not_sent_again_in_the_same_request() {
     // Stale usage stored, token due: usage rejects the token, the refresh fails
     // transiently, the retry is rejected too; the stored usage still qualifies it.
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.usage_checked_at = Some(NOW - 4000);
     a.token_refresh_at = Some(NOW - 1);
-    let file = pool(Some("a"), vec![a]);
+    let file = pool(Some("a@x"), vec![a]);
     let mut world = World::new(&file);
     let mut refreshes = 0;
     let outcome = world.run(&mut |e| match e {
@@ -777,24 +791,24 @@ fn a_refresh_that_failed_transiently_is_not_sent_again_in_the_same_request() {
             }
         }
         Effect::Validate { access_token, .. } => {
-            assert_eq!(access_token.expose(), "at-a");
+            assert_eq!(access_token.expose(), "at-a@x");
             models()
         }
         _ => unreachable!(),
     });
-    assert_eq!(served(&outcome), "a");
+    assert_eq!(served(&outcome), "a@x");
     assert_eq!(refreshes, 1, "the refresh token went upstream once");
     assert_eq!(
         world.trace,
         [
             "read",
-            "usage a",
+            "usage a@x",
             "lock",
             "read",
-            "refresh a",
+            "refresh a@x",
             "unlock",
-            "usage a",
-            "validate a"
+            "usage a@x",
+            "validate a@x"
         ]
     );
     assert_eq!(world.accounts(), file);
@@ -803,17 +817,17 @@ fn a_refresh_that_failed_transiently_is_not_sent_again_in_the_same_request() {
 
 #[test]
 fn usage_fetched_before_our_own_refresh_is_still_persisted() {
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.usage_checked_at = Some(NOW - 4000);
     a.token_refresh_at = Some(NOW - 1);
-    let mut world = World::new(&pool(Some("a"), vec![a]));
+    let mut world = World::new(&pool(Some("a@x"), vec![a]));
     let usage = r#"{"rate_limit": {"primary_window": {"used_percent": 42, "limit_window_seconds": 18000, "reset_after_seconds": 100}}}"#;
     let outcome = world.run(&mut |e| match e {
         Effect::FetchUsage { .. } => ok(usage),
         Effect::RefreshToken { .. } => ok(REFRESHED),
         _ => models(),
     });
-    assert_eq!(served(&outcome), "a");
+    assert_eq!(served(&outcome), "a@x");
     let stored = &world.accounts().accounts[0];
     assert_eq!(stored.access_token.expose(), "new-at");
     assert_eq!(
@@ -853,9 +867,9 @@ const THEIRS_REFRESHED: &str =
 #[test]
 fn an_adopted_token_that_is_due_is_refreshed_before_validation() {
     for their_refresh_at in [None, Some(NOW - 1), Some(NOW)] {
-        let mut a = account("a", 10);
+        let mut a = account("a@x", 10);
         a.token_refresh_at = Some(NOW - 5);
-        let file = pool(Some("a"), vec![a]);
+        let file = pool(Some("a@x"), vec![a]);
         let mut world = World::new(&file);
         // Between the first read and the read under the lock.
         world.edit_before_read = Some((1, theirs(&file, their_refresh_at)));
@@ -870,7 +884,7 @@ fn an_adopted_token_that_is_due_is_refreshed_before_validation() {
             Effect::Validate { .. } => status(401, "{}"),
             _ => unreachable!("{e:?}"),
         });
-        assert_eq!(served(&outcome), "a", "{their_refresh_at:?}");
+        assert_eq!(served(&outcome), "a@x", "{their_refresh_at:?}");
         assert_eq!(refreshed, ["their-rt"], "theirs, once");
         assert_eq!(
             world.trace,
@@ -878,10 +892,10 @@ fn an_adopted_token_that_is_due_is_refreshed_before_validation() {
                 "read",
                 "lock",
                 "read",
-                "refresh a",
+                "refresh a@x",
                 "write accounts.json",
                 "unlock",
-                "validate a"
+                "validate a@x"
             ]
         );
         let stored = &world.accounts().accounts[0];
@@ -896,9 +910,9 @@ fn an_adopted_token_that_is_due_is_refreshed_before_validation() {
 /// An adopted token that is not due is validated as it is, without a refresh call.
 #[test]
 fn an_adopted_token_that_is_not_due_is_used_without_a_refresh() {
-    let mut a = account("a", 10);
+    let mut a = account("a@x", 10);
     a.token_refresh_at = Some(NOW - 5);
-    let file = pool(Some("a"), vec![a]);
+    let file = pool(Some("a@x"), vec![a]);
     let mut world = World::new(&file);
     world.edit_before_read = Some((1, theirs(&file, Some(NOW + 1))));
     let outcome = world.run(&mut |e| match e {
@@ -908,10 +922,10 @@ fn an_adopted_token_that_is_not_due_is_used_without_a_refresh() {
         }
         _ => unreachable!("{e:?}"),
     });
-    assert_eq!(served(&outcome), "a");
+    assert_eq!(served(&outcome), "a@x");
     assert_eq!(
         world.trace,
-        ["read", "lock", "read", "unlock", "validate a"]
+        ["read", "lock", "read", "unlock", "validate a@x"]
     );
 }
 
@@ -920,7 +934,7 @@ fn an_adopted_token_that_is_not_due_is_used_without_a_refresh() {
 /// (this request has not sent a refresh for the account yet), then validated.
 #[test]
 fn tokens_adopted_at_a_move_are_refreshed_when_due() {
-    let file = pool(Some("a"), vec![account("a", 10)]);
+    let file = pool(Some("a@x"), vec![account("a@x", 10)]);
     let mut world = World::new(&file);
     world.edit_before_read = Some((1, theirs(&file, None)));
     let outcome = world.run(&mut |e| match e {
@@ -932,18 +946,18 @@ fn tokens_adopted_at_a_move_are_refreshed_when_due() {
         Effect::Validate { .. } => status(401, "{}"),
         _ => unreachable!("{e:?}"),
     });
-    assert_eq!(served(&outcome), "a");
+    assert_eq!(served(&outcome), "a@x");
     assert_eq!(
         world.trace,
         [
             "read",
-            "validate a",
+            "validate a@x",
             "lock",
             "read",
-            "refresh a",
+            "refresh a@x",
             "write accounts.json",
             "unlock",
-            "validate a"
+            "validate a@x"
         ]
     );
     assert_eq!(world.failed, FileRead::Missing);
@@ -1010,7 +1024,7 @@ fn a_coded_402_or_403_for_a_due_token_is_a_verdict_without_a_refresh() {
             world.trace,
             [
                 "read",
-                "usage a",
+                "usage a@x",
                 "lock",
                 "read",
                 "write failed.json",
@@ -1034,9 +1048,9 @@ fn a_coded_403_after_a_failed_refresh_is_a_verdict_and_a_401_is_not() {
             true,
         ),
     ] {
-        let mut a = account("a", 10);
+        let mut a = account("a@x", 10);
         a.token_refresh_at = Some(NOW);
-        let mut world = World::new(&pool(Some("a"), vec![a]));
+        let mut world = World::new(&pool(Some("a@x"), vec![a]));
         let outcome = world.run(&mut |e| match e {
             Effect::RefreshToken { .. } => status(502, "bad gateway"),
             Effect::Validate { .. } => reply.clone(),

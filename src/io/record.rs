@@ -226,7 +226,7 @@ impl<'a> Recorder<'a> {
     fn write(&self, dir: &Path, finished: &Finished) -> Result<PathBuf, String> {
         static SEQUENCE: AtomicU64 = AtomicU64::new(0);
         let text = self.scenario_text(finished)?;
-        fs_err::create_dir_all(dir).map_err(|e| e.to_string())?;
+        crate::io::store::create_private_dir_all(dir).map_err(|e| e.to_string())?;
         let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!(
             "token-{}-{}-{n:04}.json",

@@ -375,6 +375,18 @@ fn not_utf8(bytes: &[u8], valid_up_to: usize) -> String {
     format!("not UTF-8 at line {line} column {column} (byte {valid_up_to})")
 }
 
+/// Creates `dir` and any missing parents with mode 0700 (before the umask): the data
+/// directory holds tokens and a recording directory the pool's emails and usage, so other
+/// users may not even list them. A directory that exists already is left as it is.
+pub fn create_private_dir_all(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))
+}
+
 /// Writes a temporary file beside `path` (created 0600), fsyncs it, renames it over
 /// `path` and fsyncs the directory. On any failure the temporary file is removed and
 /// `path` is untouched.

@@ -98,7 +98,7 @@ impl AccountsFile {
 
     /// Every problem of the text, each with its position, or the file when there are none.
     pub fn check(text: &str) -> Result<Self, Vec<String>> {
-        let (mut top, mut problems) = object(text, &["active_account", "accounts"])?;
+        let (mut top, mut problems, duplicates) = object(text, &["active_account", "accounts"])?;
         let active_account = match top.remove("active_account") {
             None | Some(Value::Null) => None,
             Some(Value::String(email)) => Some(email),
@@ -110,12 +110,17 @@ impl AccountsFile {
                 None
             }
         };
-        let indexed = accounts(top.remove("accounts"), &mut problems);
+        let indexed = accounts(
+            top.remove("accounts"),
+            Emails::Addresses,
+            &duplicates,
+            &mut problems,
+        );
         for (n, (i, account)) in indexed.iter().enumerate() {
             if let Some((first, _)) = indexed[..n].iter().find(|(_, a)| a.email == account.email) {
                 problems.push(format!(
-                    "accounts[{i}] ({}): duplicate email, already used by accounts[{first}]",
-                    shown_email(&account.email)
+                    "{}: duplicate email, already used by accounts[{first}]",
+                    position(*i, Some(&account.email))
                 ));
             }
         }
@@ -151,8 +156,13 @@ impl FailedFile {
     }
 
     pub fn check(text: &str) -> Result<Self, Vec<String>> {
-        let (mut top, mut problems) = object(text, &["accounts"])?;
-        let accounts = accounts(top.remove("accounts"), &mut problems);
+        let (mut top, mut problems, duplicates) = object(text, &["accounts"])?;
+        let accounts = accounts(
+            top.remove("accounts"),
+            Emails::Any,
+            &duplicates,
+            &mut problems,
+        );
         if problems.is_empty() {
             let accounts = accounts.into_iter().map(|(_, a)| a).collect();
             Ok(FailedFile { accounts })
@@ -170,7 +180,10 @@ type Problems = Vec<String>;
 
 /// The top-level object, and a problem for every key not in `known`. A text that is not
 /// JSON at all is one problem, with serde's line and column.
-fn object(text: &str, known: &[&str]) -> Result<(Map<String, Value>, Problems), Problems> {
+/// The top-level object, the problems found in it, and the repeated keys inside accounts.
+type TopLevel = (Map<String, Value>, Problems, Vec<Duplicate>);
+
+fn object(text: &str, known: &[&str]) -> Result<TopLevel, Problems> {
     if text.trim().is_empty() {
         return Err(vec!["the file is empty".into()]);
     }
@@ -185,7 +198,7 @@ fn object(text: &str, known: &[&str]) -> Result<(Map<String, Value>, Problems), 
         Err(e) => return Err(vec![redact_strings(&e.to_string())]),
     };
     let expected: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
-    let problems = top
+    let mut problems: Problems = top
         .keys()
         .filter(|k| !known.contains(&k.as_str()))
         .map(|k| {
@@ -195,12 +208,198 @@ fn object(text: &str, known: &[&str]) -> Result<(Map<String, Value>, Problems), 
             )
         })
         .collect();
-    Ok((top, problems))
+    // The accounts' own are reported with the account's position, by `accounts`.
+    let (in_accounts, elsewhere) = duplicate_keys(text)
+        .into_iter()
+        .partition::<Vec<_>, _>(|d| d.account.is_some());
+    for d in elsewhere {
+        match d.within.as_str() {
+            "" => problems.push(format!("duplicate field \"{}\" at the top level", d.key)),
+            within => problems.push(format!("duplicate field \"{}\" in {within}", d.key)),
+        }
+    }
+    Ok((top, problems, in_accounts))
+}
+
+/// A key that occurs twice in one object: in account `account` (at `within` inside it,
+/// `usage.primary` or empty), or outside the accounts (at `within`, empty for the top level).
+#[derive(Debug, PartialEq)]
+struct Duplicate {
+    account: Option<usize>,
+    within: String,
+    key: String,
+}
+
+/// Every repeated key of every object in `text`, which is known to be JSON. serde_json
+/// keeps the last value of a repeated key and gibby's next write would drop the others, so
+/// a repeat is a problem. One pass over the text that keeps only the keys: it costs a
+/// fraction of the parse proper (figures in DESIGN.md).
+fn duplicate_keys(text: &str) -> Vec<Duplicate> {
+    let mut walk = Walk::default();
+    let mut de = serde_json::Deserializer::from_str(text);
+    // The text parsed as JSON already, so this cannot fail; if it did, it finds nothing.
+    let _ = serde::de::DeserializeSeed::deserialize(Step(&mut walk), &mut de);
+    walk.found
+}
+
+#[derive(Default)]
+struct Walk {
+    path: Vec<Segment>,
+    found: Vec<Duplicate>,
+}
+
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl Walk {
+    fn found(&mut self, key: String) {
+        let (account, rest) = match self.path.as_slice() {
+            [Segment::Key(top), Segment::Index(i), rest @ ..] if top == "accounts" => {
+                (Some(*i), rest)
+            }
+            all => (None, all),
+        };
+        let mut within = String::new();
+        for segment in rest {
+            match segment {
+                Segment::Key(k) if within.is_empty() => within.push_str(k),
+                Segment::Key(k) => {
+                    within.push('.');
+                    within.push_str(k);
+                }
+                Segment::Index(i) => within.push_str(&format!("[{i}]")),
+            }
+        }
+        self.found.push(Duplicate {
+            account,
+            within,
+            key,
+        });
+    }
+}
+
+/// The keys met so far in one object: a list for the first 32 (objects here have a handful,
+/// and searching a few beats hashing them, threefold), a set for the rest, so a hand-made
+/// object with very many keys does not take quadratic time.
+#[derive(Default)]
+struct Keys {
+    few: Vec<String>,
+    rest: std::collections::BTreeSet<String>,
+}
+
+impl Keys {
+    fn contains(&self, key: &str) -> bool {
+        self.few.iter().any(|k| k == key) || self.rest.contains(key)
+    }
+
+    fn insert(&mut self, key: String) {
+        if self.few.len() < 32 {
+            self.few.push(key);
+        } else {
+            self.rest.insert(key);
+        }
+    }
+}
+
+/// One value of the walk: objects and arrays are entered, everything else skipped.
+struct Step<'a>(&'a mut Walk);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Step<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Step<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        loop {
+            self.0.path.push(Segment::Index(i));
+            let more = seq.next_element_seed(Step(&mut *self.0))?;
+            self.0.path.pop();
+            if more.is_none() {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = Keys::default();
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
+                self.0.found(key.clone());
+            }
+            self.0.path.push(Segment::Key(key));
+            map.next_value_seed(Step(&mut *self.0))?;
+            if let Some(Segment::Key(key)) = self.0.path.pop() {
+                seen.insert(key);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a file's emails must look like addresses. accounts.json's must: a token pasted
+/// into `email` would otherwise pass as a name and be shown by `status`, the log and
+/// `/token`. failed.json keeps whatever was moved there, so an old one stays readable.
+#[derive(Clone, Copy, PartialEq)]
+enum Emails {
+    Addresses,
+    Any,
+}
+
+/// `accounts[i] (email)`, or only `accounts[i]` when the email is missing or holds no `@`:
+/// a value that is not an address is never echoed.
+fn position(i: usize, email: Option<&str>) -> String {
+    match email {
+        Some(email) if email.contains('@') => format!("accounts[{i}] ({})", shown_email(email)),
+        _ => format!("accounts[{i}]"),
+    }
 }
 
 /// Each account of the `accounts` array with its index; a problem (with
 /// `accounts[i] (email)`) for each one that does not fit the schema.
-fn accounts(value: Option<Value>, problems: &mut Vec<String>) -> Vec<(usize, Account)> {
+fn accounts(
+    value: Option<Value>,
+    emails: Emails,
+    duplicates: &[Duplicate],
+    problems: &mut Vec<String>,
+) -> Vec<(usize, Account)> {
     let items = match value {
         Some(Value::Array(items)) => items,
         None => {
@@ -214,13 +413,16 @@ fn accounts(value: Option<Value>, problems: &mut Vec<String>) -> Vec<(usize, Acc
     };
     let mut accounts = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
-        let at = match item.get("email").and_then(Value::as_str) {
-            Some(email) => format!("accounts[{i}] ({})", shown_email(email)),
-            None => format!("accounts[{i}]"),
-        };
+        let at = position(i, item.get("email").and_then(Value::as_str));
+        for d in duplicates.iter().filter(|d| d.account == Some(i)) {
+            problems.push(match d.within.as_str() {
+                "" => format!("{at}: duplicate field \"{}\"", d.key),
+                within => format!("{at}: duplicate field \"{}\" in {within}", d.key),
+            });
+        }
         match Account::deserialize(item) {
             Ok(account) => {
-                problems.extend(account_problems(&at, &account));
+                problems.extend(account_problems(&at, &account, emails));
                 accounts.push((i, account));
             }
             Err(e) => problems.push(format!("{at}: {}", redact_strings(&e.to_string()))),
@@ -308,10 +510,15 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
-fn account_problems(at: &str, a: &Account) -> Vec<String> {
+fn account_problems(at: &str, a: &Account, emails: Emails) -> Vec<String> {
     let mut problems = Vec::new();
     if a.email.trim().is_empty() {
         problems.push(format!("{at}: email is empty"));
+    } else if emails == Emails::Addresses && !a.email.contains('@') {
+        problems.push(format!(
+            "{at}: email must be an email address ({} characters, no @)",
+            a.email.chars().count()
+        ));
     }
     if a.access_token.is_empty() {
         problems.push(format!("{at}: access_token is empty"));
@@ -430,19 +637,19 @@ mod tests {
                 "accounts.json: unknown field `extra` at the top level",
             ),
             (
-                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"token\": 1}]}",
-                "accounts.json: accounts[0] (a): unknown field `token`",
+                "{\"accounts\": [{\"email\": \"a@x\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"token\": 1}]}",
+                "accounts.json: accounts[0] (a@x): unknown field `token`",
             ),
             (
-                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"usage_checked_at\": \"soon\"}]}",
-                "accounts.json: accounts[0] (a): invalid type: string (4 characters), expected i64",
+                "{\"accounts\": [{\"email\": \"a@x\", \"access_token\": \"x\", \"refresh_token\": \"y\", \"usage_checked_at\": \"soon\"}]}",
+                "accounts.json: accounts[0] (a@x): invalid type: string (4 characters), expected i64",
             ),
             ("[]", "accounts.json: the top level must be an object, found an array"),
             ("{\"accounts\": {}}", "accounts.json: accounts must be an array, found an object"),
             ("{}", "accounts.json: missing field `accounts`"),
             (
-                "{\"accounts\": [{\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\"}, {\"email\": \"a\", \"access_token\": \"x\", \"refresh_token\": \"y\"}]}",
-                "accounts.json: accounts[1] (a): duplicate email, already used by accounts[0]",
+                "{\"accounts\": [{\"email\": \"a@x\", \"access_token\": \"x\", \"refresh_token\": \"y\"}, {\"email\": \"a@x\", \"access_token\": \"x\", \"refresh_token\": \"y\"}]}",
+                "accounts.json: accounts[1] (a@x): duplicate email, already used by accounts[0]",
             ),
         ];
         for (text, expected) in cases {
@@ -458,19 +665,19 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let text = r#"{"accounts": [
-            {"email": "a", "access_token": "x", "refresh_token": "y", "disabled": "no"},
-            {"email": "b", "access_token": "", "refresh_token": "y"},
-            {"email": "b", "access_token": "x", "refresh_token": "y", "usage": {"primary": {"used_percent": -1, "reset_at": 1}}}
+            {"email": "a@x", "access_token": "x", "refresh_token": "y", "disabled": "no"},
+            {"email": "b@x", "access_token": "", "refresh_token": "y"},
+            {"email": "b@x", "access_token": "x", "refresh_token": "y", "usage": {"primary": {"used_percent": -1, "reset_at": 1}}}
         ], "active_account": 7}"#;
         let problems = AccountsFile::check(text).unwrap_err();
         assert_eq!(
             problems,
             [
                 "active_account must be a string or null, found 7",
-                "accounts[0] (a): invalid type: string (2 characters), expected a boolean",
-                "accounts[1] (b): access_token is empty",
-                "accounts[2] (b): usage.primary.used_percent must be a number >= 0, found -1",
-                "accounts[2] (b): duplicate email, already used by accounts[1]",
+                "accounts[0] (a@x): invalid type: string (2 characters), expected a boolean",
+                "accounts[1] (b@x): access_token is empty",
+                "accounts[2] (b@x): usage.primary.used_percent must be a number >= 0, found -1",
+                "accounts[2] (b@x): duplicate email, already used by accounts[1]",
             ]
         );
     }
@@ -493,10 +700,7 @@ mod tests {
                     "accounts[0] (a@x): invalid type: string ({} characters), expected i64",
                     token.len()
                 ),
-                format!(
-                    "accounts[1] (a string of {} characters): invalid type: string (10 characters), expected a boolean",
-                    token.len()
-                ),
+                "accounts[1]: invalid type: string (10 characters), expected a boolean".to_owned(),
             ]
         );
         let err = AccountsFile::parse(&format!("{{\"accounts\": [], \"x\": \"{token}\" 1}}"))
@@ -506,6 +710,115 @@ mod tests {
         assert_eq!(
             redact_strings(r#"invalid value: string "a\"b\u{1f600}c", expected x; string "d""#),
             "invalid value: string (5 characters), expected x; string (1 characters)"
+        );
+    }
+
+    /// A token pasted into `email` is a problem, shown only by its length: otherwise `check`
+    /// passes it and `status`, the log and `/token` show it as the account's name.
+    #[test]
+    fn an_email_without_an_at_sign_is_a_problem_never_echoed() {
+        let token = "eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.c2lnbmF0dXJlLXNlY3JldA";
+        let text = format!(
+            r#"{{"active_account": null, "accounts": [
+            {{"email": "{token}", "access_token": "x", "refresh_token": "y"}},
+            {{"email": "abc", "access_token": "x", "refresh_token": "y"}},
+            {{"email": "abc", "access_token": "x", "refresh_token": "y"}},
+            {{"email": "a@x", "access_token": "x", "refresh_token": "y"}}
+        ]}}"#
+        );
+        let problems = AccountsFile::check(&text).unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                format!(
+                    "accounts[0]: email must be an email address ({} characters, no @)",
+                    token.len()
+                ),
+                "accounts[1]: email must be an email address (3 characters, no @)".to_owned(),
+                "accounts[2]: email must be an email address (3 characters, no @)".to_owned(),
+                "accounts[2]: duplicate email, already used by accounts[1]".to_owned(),
+            ]
+        );
+        let err = AccountsFile::parse(&text).unwrap_err().to_string();
+        assert!(!err.contains(token) && !err.contains("abc"), "{err}");
+        // failed.json keeps what was moved there: an old one stays readable.
+        let failed = text.replace("\"active_account\": null, ", "");
+        assert_eq!(FailedFile::parse(&failed).unwrap().accounts.len(), 4);
+    }
+
+    /// A repeated key would be read as its last value and the others dropped by the next
+    /// write: each repeat is a problem naming where it is.
+    #[test]
+    fn repeated_keys_are_problems_with_their_position() {
+        let text = r#"{"active_account": null, "accounts": [
+            {"email": "a@x", "access_token": "x", "refresh_token": "y", "disabled": false, "disabled": true},
+            {"email": "b@x", "access_token": "x", "refresh_token": "y",
+             "usage": {"primary": {"used_percent": 1, "reset_at": 2, "reset_at": 3}, "secondary": null}}
+        ], "accounts": [], "active_account": null}"#;
+        assert_eq!(
+            AccountsFile::check(text).unwrap_err(),
+            [
+                "duplicate field \"accounts\" at the top level",
+                "duplicate field \"active_account\" at the top level",
+            ]
+        );
+        let accounts = text.replace(r#"], "accounts": [], "active_account": null}"#, "]}");
+        assert_eq!(
+            AccountsFile::check(&accounts).unwrap_err(),
+            [
+                "accounts[0] (a@x): duplicate field \"disabled\"",
+                "accounts[1] (b@x): duplicate field \"reset_at\" in usage.primary",
+            ]
+        );
+        let failed = accounts.replace(r#""active_account": null, "#, "");
+        assert_eq!(
+            FailedFile::parse(&failed).unwrap_err().to_string(),
+            "failed.json: accounts[0] (a@x): duplicate field \"disabled\"; \
+             accounts[1] (b@x): duplicate field \"reset_at\" in usage.primary"
+        );
+        // The same key in different objects is no repeat.
+        assert!(AccountsFile::parse(SAMPLE).is_ok());
+        // Past the first 32 keys of an object, repeats are still found, either way round.
+        let keys: Vec<String> = (0..40)
+            .chain([5, 38])
+            .map(|k| format!("\"k{k}\": {k}"))
+            .collect();
+        let found = duplicate_keys(&format!("{{\"o\": [{{{}}}]}}", keys.join(", ")));
+        let found: Vec<(&str, &str)> = found.iter().map(|d| (&*d.within, &*d.key)).collect();
+        assert_eq!(found, [("o[0]", "k5"), ("o[0]", "k38")]);
+    }
+
+    /// Figures only, no assertion: `cargo test --release --lib parse_figures -- --ignored
+    /// --nocapture` prints what parsing a 1,000-account file costs (it runs on every change).
+    #[test]
+    #[ignore]
+    #[allow(clippy::disallowed_methods)]
+    fn parse_figures_for_a_thousand_accounts() {
+        let one = AccountsFile::parse(SAMPLE).unwrap().accounts.remove(0);
+        let file = AccountsFile {
+            active_account: None,
+            accounts: (0..1000)
+                .map(|i| Account {
+                    email: format!("user{i}@example.com"),
+                    ..one.clone()
+                })
+                .collect(),
+        };
+        let text = file.to_text();
+        let runs = 50;
+        let start = std::time::Instant::now();
+        for _ in 0..runs {
+            assert_eq!(AccountsFile::parse(&text).unwrap().accounts.len(), 1000);
+        }
+        let parse = start.elapsed() / runs;
+        let start = std::time::Instant::now();
+        for _ in 0..runs {
+            assert!(duplicate_keys(&text).is_empty());
+        }
+        println!(
+            "1,000 accounts ({} bytes): {parse:?} per parse, {:?} of it the repeated-key pass",
+            text.len(),
+            start.elapsed() / runs
         );
     }
 
