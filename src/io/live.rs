@@ -64,26 +64,57 @@ type InFlight = HashMap<(String, Option<String>), Arc<watch::Sender<Option<Reply
 /// sending another. The request that started the call sends it itself, in its own task
 /// (no extra task, no extra thread hop on the hot path), and publishes the answer once;
 /// the others are woken once, when it is in.
+///
+/// While requests keep joining, the next call for the token goes out before the answer of
+/// the last one wakes them: when a call that others joined is accepted (a 200), a task of
+/// its own sends the next call and takes over the entry, so that the requests those
+/// answers release, coming straight back, join a call already on its way instead of
+/// waiting for one of them to start it. It stops at the first call nobody joined, or that
+/// was not accepted.
 #[derive(Clone, Default)]
 pub struct Validations {
     in_flight: Arc<Mutex<InFlight>>,
 }
 
-/// The starter's claim on an in-flight entry. It takes the entry out of the map before it
-/// publishes the answer (a request arriving from then on sends a call of its own, so a
-/// finished call is never reused), and also when the starter is dropped half-way: its
-/// waiters then see a closed channel, and no entry is left that nobody will answer.
-struct Started<'a> {
-    validations: &'a Validations,
-    key: (String, Option<String>),
-    answer: Arc<watch::Sender<Option<Reply>>>,
+type Key = (String, Option<String>);
+type Answer = Arc<watch::Sender<Option<Reply>>>;
+
+/// The sender's claim on an in-flight entry. It takes the entry out of the map (or hands it
+/// to the next call) before it publishes the answer, so a finished call is never reused;
+/// it also gives the entry up when the sender is dropped half-way: its waiters then see a
+/// closed channel, and no entry is left that nobody will answer.
+struct Started {
+    validations: Validations,
+    key: Key,
+    answer: Answer,
     removed: bool,
 }
 
-impl Started<'_> {
+impl Started {
+    fn joined(&self) -> bool {
+        self.answer.receiver_count() > 0
+    }
+
     fn finish(mut self, reply: Reply) {
         self.remove();
         self.answer.send_replace(Some(reply));
+    }
+
+    /// Gives the entry to a new call; this one's waiters still get this one's answer.
+    fn hand_over(&mut self) -> Started {
+        let answer: Answer = Arc::new(watch::Sender::new(None));
+        self.removed = true;
+        self.validations
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.key.clone(), answer.clone());
+        Started {
+            validations: self.validations.clone(),
+            key: self.key.clone(),
+            answer,
+            removed: false,
+        }
     }
 
     fn remove(&mut self) {
@@ -97,10 +128,60 @@ impl Started<'_> {
     }
 }
 
-impl Drop for Started<'_> {
+impl Drop for Started {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+fn accepted(reply: &Reply) -> bool {
+    matches!(reply, Reply::Http(http) if http.status == 200)
+}
+
+/// Publishes `reply` for `started`; first, when others joined it and it was accepted, sends
+/// the next call from a task of its own and lets it go out.
+async fn publish(
+    mut started: Started,
+    reply: Reply,
+    upstream: &Upstream,
+    access_token: &Secret,
+    account_id: Option<&str>,
+) {
+    if started.joined() && accepted(&reply) {
+        let next = started.hand_over();
+        tokio::spawn(relay(
+            next,
+            upstream.clone(),
+            access_token.clone(),
+            account_id.map(str::to_owned),
+        ));
+        // Deferred until the tasks ready now have run: the next call is on the wire
+        // before this answer wakes anyone.
+        tokio::task::yield_now().await;
+    }
+    started.finish(reply);
+}
+
+/// A call sent ahead for requests that keep coming (see [`Validations`]).
+fn relay(
+    started: Started,
+    upstream: Upstream,
+    access_token: Secret,
+    account_id: Option<String>,
+) -> futures_util::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        let reply = upstream
+            .validate(&access_token, account_id.as_deref())
+            .await;
+        publish(
+            started,
+            reply,
+            &upstream,
+            &access_token,
+            account_id.as_deref(),
+        )
+        .await;
+    })
 }
 
 impl Validations {
@@ -121,10 +202,10 @@ impl Validations {
             match in_flight.get(&key) {
                 Some(answer) => Err(answer.subscribe()),
                 None => {
-                    let answer = Arc::new(watch::Sender::new(None));
+                    let answer: Answer = Arc::new(watch::Sender::new(None));
                     in_flight.insert(key.clone(), answer.clone());
                     Ok(Started {
-                        validations: self,
+                        validations: self.clone(),
                         key,
                         answer,
                         removed: false,
@@ -135,7 +216,7 @@ impl Validations {
         match joined {
             Ok(started) => {
                 let reply = upstream.validate(access_token, account_id).await;
-                started.finish(reply.clone());
+                publish(started, reply.clone(), upstream, access_token, account_id).await;
                 (reply, true)
             }
             Err(mut waiting) => {
@@ -330,6 +411,17 @@ mod tests {
         .expect("the second request joins the call in flight");
     }
 
+    /// Waits until no validation is in flight.
+    async fn settled(validations: &Validations) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !validations.in_flight.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the calls in flight end");
+    }
+
     #[tokio::test]
     async fn a_validation_in_flight_is_joined_and_a_finished_one_is_not_reused() {
         let fake = FakeUpstream::new();
@@ -351,18 +443,75 @@ mod tests {
             async move { v.validate(&u, &t, None).await }
         });
         joined(&validations, &token, 1).await;
+        // The call sent ahead (below) is held by this gate; the first one by the old one.
+        let ahead = fake.hold(Endpoint::Models);
         gate.open();
         let (a, sent_a) = first.await.expect("first");
         let (b, sent_b) = second.await.expect("second");
         assert_eq!((sent_a, sent_b), (true, false));
         assert_eq!(a, b);
         assert!(matches!(&a, Reply::Http(r) if r.status == 200), "{a:?}");
-        assert_eq!(fake.count(Endpoint::Models), 1);
-        assert!(validations.in_flight.lock().unwrap().is_empty());
-        // Finished: the next request sends a call of its own.
+
+        // Someone joined and it was accepted: the next call went out before the answer was
+        // published, and a request arriving now joins it rather than reusing the answer.
+        assert!(
+            fake.wait_for_calls(Endpoint::Models, 2, Duration::from_secs(10))
+                .await
+        );
+        let third = tokio::spawn({
+            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
+            async move { v.validate(&u, &t, None).await }
+        });
+        joined(&validations, &token, 1).await;
+        ahead.open();
+        let (c, sent_c) = third.await.expect("third");
+        assert!(!sent_c);
+        assert!(matches!(&c, Reply::Http(r) if r.status == 200), "{c:?}");
+        // The third joined that one, so one more went ahead; nobody joined it, and there
+        // it stops.
+        settled(&validations).await;
+        assert_eq!(fake.count(Endpoint::Models), 3);
+
+        // Finished: the next request sends a call of its own, and alone sends nothing ahead.
         let (_, sent) = validations.validate(&upstream, &token, None).await;
         assert!(sent);
-        assert_eq!(fake.count(Endpoint::Models), 2);
+        assert!(validations.in_flight.lock().unwrap().is_empty());
+        assert_eq!(fake.count(Endpoint::Models), 4);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_sent_ahead_after_a_rejected_validation() {
+        let fake = FakeUpstream::new();
+        let issued = fake.add_account(AccountSpec::new("a@x"));
+        let (upstream, _running) = upstream(&fake).await;
+        let token = Secret::new(issued.access_token);
+        let validations = Validations::default();
+        fake.push_reply(
+            Endpoint::Models,
+            None,
+            crate::fake_upstream::Reply::json(401, serde_json::json!({"detail": "no"})),
+        );
+        let gate = fake.hold(Endpoint::Models);
+        let first = tokio::spawn({
+            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
+            async move { v.validate(&u, &t, None).await }
+        });
+        assert!(
+            fake.wait_for_calls(Endpoint::Models, 1, Duration::from_secs(10))
+                .await
+        );
+        let second = tokio::spawn({
+            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
+            async move { v.validate(&u, &t, None).await }
+        });
+        joined(&validations, &token, 1).await;
+        gate.open();
+        let (a, _) = first.await.expect("first");
+        let (b, _) = second.await.expect("second");
+        assert_eq!(a, b);
+        assert!(matches!(&a, Reply::Http(r) if r.status == 401), "{a:?}");
+        assert!(validations.in_flight.lock().unwrap().is_empty());
+        assert_eq!(fake.count(Endpoint::Models), 1);
     }
 
     #[tokio::test]
