@@ -404,12 +404,12 @@ impl TokenRequest {
         let others = view
             .accounts
             .iter()
-            .filter(|a| a.email != chosen && !self.excluded.contains(&a.email))
-            .map(|a| a.email.clone());
+            .filter(|a| a.email != chosen && !self.excluded.contains(&a.email));
+        // The steady state (the active account served) only counts: no copy per account.
         if view.active_account.as_deref() == Some(chosen) {
             Others::NotNeeded(others.count())
         } else {
-            Others::RankedLower(others.collect())
+            Others::RankedLower(others.map(|a| a.email.clone()).collect())
         }
     }
 
