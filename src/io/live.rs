@@ -411,6 +411,30 @@ mod tests {
         .expect("the second request joins the call in flight");
     }
 
+    /// One request sends a validation (held by the fake), a second joins it.
+    async fn joined_pair(
+        fake: &FakeUpstream,
+        upstream: &Upstream,
+        token: &Secret,
+        validations: &Validations,
+    ) -> (
+        tokio::task::JoinHandle<(Reply, bool)>,
+        tokio::task::JoinHandle<(Reply, bool)>,
+    ) {
+        let request = || {
+            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
+            tokio::spawn(async move { v.validate(&u, &t, None).await })
+        };
+        let first = request();
+        assert!(
+            fake.wait_for_calls(Endpoint::Models, 1, Duration::from_secs(10))
+                .await
+        );
+        let second = request();
+        joined(validations, token, 1).await;
+        (first, second)
+    }
+
     /// Waits until no validation is in flight.
     async fn settled(validations: &Validations) {
         tokio::time::timeout(Duration::from_secs(10), async {
@@ -430,19 +454,7 @@ mod tests {
         let token = Secret::new(issued.access_token);
         let validations = Validations::default();
         let gate = fake.hold(Endpoint::Models);
-        let first = tokio::spawn({
-            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
-            async move { v.validate(&u, &t, None).await }
-        });
-        assert!(
-            fake.wait_for_calls(Endpoint::Models, 1, Duration::from_secs(10))
-                .await
-        );
-        let second = tokio::spawn({
-            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
-            async move { v.validate(&u, &t, None).await }
-        });
-        joined(&validations, &token, 1).await;
+        let (first, second) = joined_pair(&fake, &upstream, &token, &validations).await;
         // The call sent ahead (below) is held by this gate; the first one by the old one.
         let ahead = fake.hold(Endpoint::Models);
         gate.open();
@@ -492,19 +504,7 @@ mod tests {
             crate::fake_upstream::Reply::json(401, serde_json::json!({"detail": "no"})),
         );
         let gate = fake.hold(Endpoint::Models);
-        let first = tokio::spawn({
-            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
-            async move { v.validate(&u, &t, None).await }
-        });
-        assert!(
-            fake.wait_for_calls(Endpoint::Models, 1, Duration::from_secs(10))
-                .await
-        );
-        let second = tokio::spawn({
-            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
-            async move { v.validate(&u, &t, None).await }
-        });
-        joined(&validations, &token, 1).await;
+        let (first, second) = joined_pair(&fake, &upstream, &token, &validations).await;
         gate.open();
         let (a, _) = first.await.expect("first");
         let (b, _) = second.await.expect("second");
@@ -522,19 +522,7 @@ mod tests {
         let token = Secret::new(issued.access_token);
         let validations = Validations::default();
         let _gate = fake.hold(Endpoint::Models);
-        let first = tokio::spawn({
-            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
-            async move { v.validate(&u, &t, None).await }
-        });
-        assert!(
-            fake.wait_for_calls(Endpoint::Models, 1, Duration::from_secs(10))
-                .await
-        );
-        let second = tokio::spawn({
-            let (v, u, t) = (validations.clone(), upstream.clone(), token.clone());
-            async move { v.validate(&u, &t, None).await }
-        });
-        joined(&validations, &token, 1).await;
+        let (first, second) = joined_pair(&fake, &upstream, &token, &validations).await;
         first.abort();
         let (reply, sent) = second.await.expect("second");
         assert!(!sent);
