@@ -877,7 +877,7 @@ fn due(a: &Account, now: i64) -> bool {
         }
 }
 
-/// SPEC.md 4.4.
+/// SPEC.md 4.4, with the two seconds of clock slack of `stage::CLOCK_SLACK_SECONDS`.
 fn fresh(a: &Account, case: &Case) -> bool {
     let (Some(usage), Some(checked)) = (&a.usage, a.usage_checked_at) else {
         return false;
@@ -887,7 +887,7 @@ fn fresh(a: &Account, case: &Case) -> bool {
         .into_iter()
         .flatten()
         .all(|w| w.reset_at > now);
-    checked <= now && now - checked <= case.policy.usage_stale_seconds && windows_current
+    checked <= now + 2 && now - checked <= case.policy.usage_stale_seconds && windows_current
 }
 
 fn pct(w: &Option<Window>) -> f64 {

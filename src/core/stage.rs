@@ -77,6 +77,13 @@ fn account_id(token: &Secret) -> Option<String> {
     Claims::of(token.expose()).account_id
 }
 
+/// How far ahead of a request's clock a `usage_checked_at` may lie and still count as
+/// "now": stamps are whole seconds, a request reads its clock just before the file, and
+/// another writer (a helper, a second gibby) may stamp the second that has just begun.
+/// Without it, usage a helper had just written would read as stale, be fetched again, and
+/// replace the helper's figures.
+pub const CLOCK_SLACK_SECONDS: i64 = 2;
+
 /// An account as read from accounts.json in this request.
 #[derive(Debug)]
 pub struct Loaded {
@@ -89,12 +96,13 @@ impl Loaded {
     }
 
     /// Stored usage that is still fresh is trusted as it is; stale usage must be fetched.
+    /// A check stamped in the future is stale, past [`CLOCK_SLACK_SECONDS`].
     #[allow(clippy::result_large_err)] // both sides own the account; boxing buys nothing
     pub fn check_usage(self, now: i64, policy: &Policy) -> Result<UsageChecked, UsageDue> {
         let a = &self.account;
         let fresh = match (&a.usage, a.usage_checked_at) {
             (Some(usage), Some(checked)) => {
-                checked <= now
+                checked <= now.saturating_add(CLOCK_SLACK_SECONDS)
                     && now.saturating_sub(checked) <= policy.usage_stale_seconds
                     && [&usage.primary, &usage.secondary]
                         .into_iter()

@@ -1067,3 +1067,20 @@ fn a_coded_403_after_a_failed_refresh_is_a_verdict_and_a_401_is_not() {
         );
     }
 }
+
+/// A check stamped a second or two ahead of the request's clock (another process stamping
+/// the second that has just begun) is fresh; further ahead it is stale.
+#[test]
+fn usage_checked_just_ahead_of_the_clock_is_fresh() {
+    let policy = Policy::default();
+    let checked_at = |offset: i64| {
+        let mut a = account("a@x", 10);
+        a.usage_checked_at = Some(NOW + offset);
+        stage::Loaded::new(a).check_usage(NOW, &policy).is_ok()
+    };
+    assert!(checked_at(0));
+    assert!(checked_at(1));
+    assert!(checked_at(stage::CLOCK_SLACK_SECONDS));
+    assert!(!checked_at(stage::CLOCK_SLACK_SECONDS + 1));
+    assert!(!checked_at(600));
+}
