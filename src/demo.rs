@@ -54,7 +54,7 @@ fn refuse_foreign_pool(dir: &Path) -> Result<(), String> {
 /// the active one with fresh usage, one never checked, one due for a token refresh,
 /// and one disabled.
 pub fn write_pool(fake: &FakeUpstream, dir: &Path, now: i64) -> std::io::Result<AccountsFile> {
-    fs_err::create_dir_all(dir)?;
+    crate::io::store::create_private_dir_all(dir)?;
     let mut accounts = Vec::new();
     for (i, name) in ["alice", "bob", "carol", "dave"].into_iter().enumerate() {
         let email = format!("{name}{DEMO_DOMAIN}");
@@ -114,7 +114,12 @@ pub async fn run(mut settings: Settings, dir: &Path) -> Result<(), String> {
         fake_upstream = %running.base_url,
         data_dir = %dir.display(),
         "demo pool written; try: curl http://{}/token",
-        settings.listen
+        // A wildcard address is where gibby listens, not one to ask.
+        if settings.listen.ip().is_unspecified() {
+            std::net::SocketAddr::from(([127, 0, 0, 1], settings.listen.port()))
+        } else {
+            settings.listen
+        }
     );
     settings.data_dir = dir.to_path_buf();
     settings.chatgpt_base_url = running.base_url.clone();

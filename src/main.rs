@@ -105,8 +105,11 @@ async fn main() -> ExitCode {
             }
         },
     };
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only for a person at a terminal: a file or journald gets plain text.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_writer(std::io::stderr)
         .init();
     if let Command::Replay { scenario } = &cli.command {

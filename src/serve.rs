@@ -30,17 +30,12 @@ pub fn state(settings: &Settings) -> Result<AppState, String> {
 pub async fn run(settings: Settings) -> Result<(), String> {
     if let Some(dir) = &settings.record_dir {
         // Found out now, not as a warning on every request.
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                format!(
-                    "GIBBY_RECORD_DIR={:?}: cannot create it: {e}",
-                    dir.display()
-                )
-            })?;
+        crate::io::store::create_private_dir_all(dir).map_err(|e| {
+            format!(
+                "GIBBY_RECORD_DIR={:?}: cannot create it: {e}",
+                dir.display()
+            )
+        })?;
     }
     let state = state(&settings)?;
     let live = state.live.clone();

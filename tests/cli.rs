@@ -149,6 +149,20 @@ fn import_refuses_what_it_cannot_pool() {
         ),
         ("{not json", "auth.json: key must be a string"),
     ];
+    // A claim that is no usable email (a token, a line break that would forge a log line)
+    // is refused, and not repeated.
+    let no_at = auth_json("SECRETNOATtokenlikestring0123456789abcdef", "r");
+    let newline = auth_json("a@x.io\n2026 INFO forged", "r");
+    let cases: Vec<(&str, &str)> = cases
+        .into_iter()
+        .chain([
+            (
+                no_at.as_str(),
+                "email must be an email address (41 characters, no @)",
+            ),
+            (newline.as_str(), "with whitespace or control characters"),
+        ])
+        .collect();
     for (text, message) in cases {
         write(dir.path(), "auth.json", text);
         let o = gibby(
@@ -157,6 +171,7 @@ fn import_refuses_what_it_cannot_pool() {
         );
         assert_eq!(o.status.code(), Some(1), "{text}");
         assert!(out(&o).contains(message), "{text}: {}", out(&o));
+        assert!(!out(&o).contains("SECRETNOAT") && !out(&o).contains("forged"));
         assert!(!dir.path().join("data/accounts.json").exists());
     }
     // A broken accounts.json is not overwritten by an import.
@@ -247,6 +262,20 @@ fn status_json_has_no_tokens() {
     let missing = gibby(&dir.path().join("nowhere"), &["status"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(out(&missing).contains("accounts.json: does not exist"));
+
+    // A token pasted into active_account is shown by its length, in JSON too.
+    let text = std::fs::read_to_string(data.join("accounts.json")).unwrap();
+    let pasted = text.replacen(
+        "\"active_account\": null",
+        "\"active_account\": \"sk-SECRETTOKEN0123456789abcdefSECRET\"",
+        1,
+    );
+    assert_ne!(pasted, text);
+    write(&data, "accounts.json", &pasted);
+    for args in [&["status", "--json"][..], &["status"]] {
+        let text = out(&gibby(&data, args));
+        assert!(!text.contains("SECRET"), "{text}");
+    }
 }
 
 /// A token pasted into `email` is a problem for check, shown only by its length, and status

@@ -50,6 +50,12 @@ pub fn parse_auth(text: &str, source: &str, now: i64) -> Result<Imported, String
         .and_then(|t| Claims::of(t).email)
         .or_else(|| Claims::of(&access_token).email)
         .ok_or_else(|| format!("{source}: cannot tell the account's email: neither tokens.id_token nor tokens.access_token carries one"))?;
+    // Refused here rather than written into a file that every reader would then refuse.
+    if let Some(problem) = crate::model::email_problem(&email) {
+        return Err(format!(
+            "{source}: the email in the token's claims is not usable: {problem}"
+        ));
+    }
     Ok(Imported {
         email,
         token_refresh_at: imported_refresh_at(&access_token, now),

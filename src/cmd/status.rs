@@ -54,7 +54,10 @@ pub fn pool_status(file: &AccountsFile, failed: usize, now: i64, policy: &Policy
         .collect();
     PoolStatus {
         now,
-        active_account: file.active_account.clone(),
+        active_account: file
+            .active_account
+            .as_deref()
+            .map(crate::model::shown_email),
         accounts,
         failed,
     }

@@ -203,7 +203,8 @@ fn object(text: &str, known: &[&str]) -> Result<TopLevel, Problems> {
         .filter(|k| !known.contains(&k.as_str()))
         .map(|k| {
             format!(
-                "unknown field `{k}` at the top level, expected {}",
+                "unknown field {} at the top level, expected {}",
+                shown_field(k, '`'),
                 expected.join(" or ")
             )
         })
@@ -214,8 +215,14 @@ fn object(text: &str, known: &[&str]) -> Result<TopLevel, Problems> {
         .partition::<Vec<_>, _>(|d| d.account.is_some());
     for d in elsewhere {
         match d.within.as_str() {
-            "" => problems.push(format!("duplicate field \"{}\" at the top level", d.key)),
-            within => problems.push(format!("duplicate field \"{}\" in {within}", d.key)),
+            "" => problems.push(format!(
+                "duplicate field {} at the top level",
+                shown_field(&d.key, '"')
+            )),
+            within => problems.push(format!(
+                "duplicate field {} in {within}",
+                shown_field(&d.key, '"')
+            )),
         }
     }
     Ok((top, problems, in_accounts))
@@ -416,8 +423,11 @@ fn accounts(
         let at = position(i, item.get("email").and_then(Value::as_str));
         for d in duplicates.iter().filter(|d| d.account == Some(i)) {
             problems.push(match d.within.as_str() {
-                "" => format!("{at}: duplicate field \"{}\"", d.key),
-                within => format!("{at}: duplicate field \"{}\" in {within}", d.key),
+                "" => format!("{at}: duplicate field {}", shown_field(&d.key, '"')),
+                within => format!(
+                    "{at}: duplicate field {} in {within}",
+                    shown_field(&d.key, '"')
+                ),
             });
         }
         match Account::deserialize(item) {
@@ -444,6 +454,27 @@ pub fn shown_email(email: &str) -> String {
     }
 }
 
+/// Why `email` cannot be an account's key, if it cannot: it must look like an address (a
+/// token pasted there would be shown everywhere an email is), and hold no whitespace,
+/// control or text-direction characters (they would forge or garble log lines and the
+/// `status` table). The email itself is never part of the answer.
+pub fn email_problem(email: &str) -> Option<String> {
+    let n = email.chars().count();
+    if !email.contains('@') {
+        return Some(format!(
+            "email must be an email address ({n} characters, no @)"
+        ));
+    }
+    let odd = |c: char| {
+        c.is_whitespace()
+            || c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+    };
+    email.chars().any(odd).then(|| {
+        format!("email must be an email address ({n} characters, with whitespace or control characters)")
+    })
+}
+
 /// A value as problems show it: numbers, booleans and null as they are, anything that may
 /// hold a string only by its kind.
 fn shown_value(value: &Value) -> String {
@@ -453,13 +484,43 @@ fn shown_value(value: &Value) -> String {
     }
 }
 
+/// A field name as problems show it, in `quote`s: a typo stays visible, but a long name (a
+/// token pasted as a key) or one with whitespace or control characters only by its length.
+pub fn shown_field(name: &str, quote: char) -> String {
+    let n = name.chars().count();
+    if n < 24 && !name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        format!("{quote}{name}{quote}")
+    } else {
+        format!("(a name of {n} characters)")
+    }
+}
+
+/// serde names an unknown field in backquotes: shown as [`shown_field`] shows it.
+fn redact_unknown_field(message: &str) -> String {
+    const MARK: &str = "unknown field `";
+    let Some(at) = message.find(MARK) else {
+        return message.to_owned();
+    };
+    let rest = &message[at + MARK.len()..];
+    match rest.find('`') {
+        Some(end) => format!(
+            "{}unknown field {}{}",
+            &message[..at],
+            shown_field(&rest[..end], '`'),
+            &rest[end + 1..]
+        ),
+        None => format!("{}unknown field (…)", &message[..at]),
+    }
+}
+
 /// serde's messages quote the string they met (`invalid type: string "…", expected i64`);
 /// the string may be a token in the wrong field, so only its length is kept. The position
 /// and the kind of problem stay.
 pub fn redact_strings(message: &str) -> String {
     const MARK: &str = "string \"";
+    let message = &redact_unknown_field(message);
     let mut out = String::with_capacity(message.len());
-    let mut rest = message;
+    let mut rest = message.as_str();
     while let Some(at) = rest.find(MARK) {
         out.push_str(&rest[..at]);
         let quoted = &rest[at + MARK.len()..];
@@ -514,11 +575,10 @@ fn account_problems(at: &str, a: &Account, emails: Emails) -> Vec<String> {
     let mut problems = Vec::new();
     if a.email.trim().is_empty() {
         problems.push(format!("{at}: email is empty"));
-    } else if emails == Emails::Addresses && !a.email.contains('@') {
-        problems.push(format!(
-            "{at}: email must be an email address ({} characters, no @)",
-            a.email.chars().count()
-        ));
+    } else if emails == Emails::Addresses {
+        if let Some(problem) = email_problem(&a.email) {
+            problems.push(format!("{at}: {problem}"));
+        }
     }
     if a.access_token.is_empty() {
         problems.push(format!("{at}: access_token is empty"));
@@ -715,6 +775,43 @@ mod tests {
 
     /// A token pasted into `email` is a problem, shown only by its length: otherwise `check`
     /// passes it and `status`, the log and `/token` show it as the account's name.
+    #[test]
+    fn a_long_field_name_is_shown_only_by_its_length() {
+        let token = "sk-SECRETTOKEN0123456789abcdefSECRET";
+        let text = format!(
+            r#"{{"active_account": null, "{token}": 1, "accounts": [{{"email": "a@x", "access_token": "t", "refresh_token": "r", "{token}": 2}}]}}"#
+        );
+        let problems = AccountsFile::parse(&text).unwrap_err().to_string();
+        assert!(!problems.contains("SECRET"), "{problems}");
+        assert!(
+            problems.contains("unknown field (a name of 36 characters) at the top level"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("unknown field (a name of 36 characters), expected"),
+            "{problems}"
+        );
+        let typo = r#"{"active_account": null, "accounts": [{"email": "a@x", "access_token": "t", "refresh_token": "r", "disabeld": true}]}"#;
+        let problems = AccountsFile::parse(typo).unwrap_err().to_string();
+        assert!(problems.contains("unknown field `disabeld`"), "{problems}");
+    }
+
+    #[test]
+    fn an_email_with_whitespace_or_control_characters_is_a_problem() {
+        for email in [
+            "a b@x.io",
+            "a@x.io\n2026 INFO forged",
+            "a\u{1b}[31m@x.io",
+            "a\u{202E}@x.io",
+            "\ta@x.io",
+        ] {
+            let problem = email_problem(email).expect(email);
+            assert!(problem.contains("whitespace or control"), "{problem}");
+            assert!(!problem.contains("x.io"), "{problem}");
+        }
+        assert_eq!(email_problem("a@x.io"), None);
+    }
+
     #[test]
     fn an_email_without_an_at_sign_is_a_problem_never_echoed() {
         let token = "eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjF9.c2lnbmF0dXJlLXNlY3JldA";

@@ -6,7 +6,7 @@ mod secret;
 
 pub use claims::Claims;
 pub use files::{
-    shown_email, Account, AccountsFile, FailedFile, FileError, Usage, Window, ACCOUNTS_FILE,
-    FAILED_FILE,
+    email_problem, shown_email, Account, AccountsFile, FailedFile, FileError, Usage, Window,
+    ACCOUNTS_FILE, FAILED_FILE,
 };
 pub use secret::Secret;
