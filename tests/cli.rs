@@ -275,6 +275,7 @@ fn status_json_has_no_tokens() {
     for args in [&["status", "--json"][..], &["status"]] {
         let text = out(&gibby(&data, args));
         assert!(!text.contains("SECRET"), "{text}");
+        assert!(text.contains("a string of 36 characters"), "{text}");
     }
 }
 

@@ -151,6 +151,19 @@ async fn head_token_is_not_allowed() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 405);
     assert_eq!(response.headers()["allow"], "GET");
+    let response = h
+        .client
+        .post(format!("{}/token", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    assert_eq!(response.headers()["allow"], "GET");
+    assert!(response
+        .text()
+        .await
+        .unwrap()
+        .contains("method_not_allowed"));
     assert_eq!(h.fake.calls().len(), 0);
     h.stop().await;
 }

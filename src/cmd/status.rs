@@ -156,10 +156,8 @@ where
     }
     out.push_str(&format!(
         "active: {}; failed.json: {} account(s)\n",
-        status
-            .active_account
-            .as_deref()
-            .map_or("none".into(), crate::model::shown_email),
+        // Already shown as `shown_email` shows it (see `PoolStatus::active_account`).
+        status.active_account.as_deref().unwrap_or("none"),
         status.failed
     ));
     out

@@ -25,7 +25,8 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
-        .route("/token", get(token))
+        // Every method reaches `token`, which answers anything but GET with one 405.
+        .route("/token", axum::routing::any(token))
         .layer(middleware::from_fn(refuse_browsers))
         .with_state(state)
 }
@@ -73,7 +74,8 @@ async fn token(
     method: axum::http::Method,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    // A HEAD would run the whole request (upstream calls, writes) to send no token.
+    // Only GET: a HEAD would run the whole request (upstream calls, writes) to send no
+    // token, and nothing else means anything here.
     if method != axum::http::Method::GET {
         return Err(AppError::MethodNotAllowed);
     }
