@@ -11,25 +11,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use gibby::fake_upstream::{AccountSpec, Endpoint, FakeUpstream, IssuedTokens};
+use gibby::fake_upstream::{AccountSpec, Endpoint, FakeUpstream};
 use gibby::model::{Account, AccountsFile, Secret, Usage, Window};
-use support::{client, now, read_accounts, token, write_file, Gibby, Served};
+use support::{client, now, read_accounts, stored, token, write_file, Gibby, Served};
 
 /// Long enough for any signal the fake can give on a loaded 2-core machine.
 const SIGNAL: Duration = Duration::from_secs(30);
-
-/// The account as accounts.json holds it after a login: tokens from the fake.
-fn stored(email: &str, issued: &IssuedTokens) -> Account {
-    Account {
-        email: email.to_owned(),
-        access_token: Secret::new(&issued.access_token),
-        refresh_token: Secret::new(&issued.refresh_token),
-        token_refresh_at: Some(issued.expires_at - 86_400),
-        usage: None,
-        usage_checked_at: None,
-        disabled: false,
-    }
-}
 
 /// Usage checked just now, both windows far from their reset.
 fn fresh_usage(primary: i64) -> (Option<Usage>, Option<i64>) {

@@ -278,15 +278,7 @@ async fn an_interrupted_move_left_by_a_kill_is_finished_on_restart() {
     let mut known = BTreeSet::new();
     for email in ["a@example.com", "b@example.com"] {
         let issued = fake.add_account(AccountSpec::new(email));
-        pool.accounts.push(Account {
-            email: email.to_owned(),
-            access_token: Secret::new(&issued.access_token),
-            refresh_token: Secret::new(&issued.refresh_token),
-            token_refresh_at: Some(issued.expires_at - 86_400),
-            usage: None,
-            usage_checked_at: None,
-            disabled: false,
-        });
+        pool.accounts.push(support::stored(email, &issued));
         known.insert(email.to_owned());
     }
     fake.revoke("a@example.com");

@@ -825,6 +825,23 @@ fn reused_reply() -> Reply {
     Envelope(REUSED).reply(401)
 }
 
+/// One `/token` whose refresh of A is answered `refresh_token_reused`; while that call is
+/// out (held by the fake), `landing` is stored as the pool, as another writer's login would.
+async fn refresh_reused(h: &Harness, landing: Option<&Account>) -> reqwest::Response {
+    h.fake.push_reply(Refresh, Some(A), reused_reply());
+    let gate = h.fake.hold(Refresh);
+    let request = tokio::spawn({
+        let (client, url) = (h.client.clone(), h.url.clone());
+        async move { client.get(format!("{url}/token")).send().await.unwrap() }
+    });
+    assert!(h.fake.wait_for_calls(Refresh, 1, SIGNAL).await);
+    if let Some(theirs) = landing {
+        h.write_accounts(&pool(Some(A), vec![theirs.clone()]));
+    }
+    gate.open();
+    request.await.unwrap()
+}
+
 /// SPEC.md section 5: a refresh answered 401 `refresh_token_reused` is a verdict only when a
 /// fresh read of accounts.json still shows the same refresh token. Here another writer
 /// stores its own new login while gibby's refresh call is out: gibby uses theirs, serves
@@ -834,17 +851,7 @@ async fn refresh_token_reused_after_another_writer_rotated_serves_their_tokens()
     let h = Harness::start().await;
     let (a, _) = due_alone(&h);
     let theirs = their_login(&h, &a, true);
-    h.fake.push_reply(Refresh, Some(A), reused_reply());
-    let gate = h.fake.hold(Refresh);
-
-    let request = tokio::spawn({
-        let (client, url) = (h.client.clone(), h.url.clone());
-        async move { client.get(format!("{url}/token")).send().await.unwrap() }
-    });
-    assert!(h.fake.wait_for_calls(Refresh, 1, SIGNAL).await);
-    h.write_accounts(&pool(Some(A), vec![theirs.clone()]));
-    gate.open();
-    let answer = request.await.unwrap();
+    let answer = refresh_reused(&h, Some(&theirs)).await;
 
     assert_eq!(answer.status(), 200);
     let body: Value = answer.json().await.unwrap();
@@ -862,16 +869,7 @@ async fn refresh_token_reused_after_another_writer_rotated_serves_their_tokens()
 async fn refresh_token_reused_with_the_same_token_stored_moves_the_account() {
     let h = Harness::start().await;
     let (a, _) = due_alone(&h);
-    h.fake.push_reply(Refresh, Some(A), reused_reply());
-    let gate = h.fake.hold(Refresh);
-
-    let request = tokio::spawn({
-        let (client, url) = (h.client.clone(), h.url.clone());
-        async move { client.get(format!("{url}/token")).send().await.unwrap() }
-    });
-    assert!(h.fake.wait_for_calls(Refresh, 1, SIGNAL).await);
-    gate.open();
-    let answer = request.await.unwrap();
+    let answer = refresh_reused(&h, None).await;
 
     assert_eq!(answer.status(), 503);
     let body: Value = answer.json().await.unwrap();
@@ -935,17 +933,7 @@ async fn a_due_token_adopted_after_our_refresh_is_not_moved_on_a_401() {
     let h = Harness::start().await;
     let (a, _) = due_alone(&h);
     let theirs = their_login(&h, &a, false);
-    h.fake.push_reply(Refresh, Some(A), reused_reply());
-    let gate = h.fake.hold(Refresh);
-
-    let request = tokio::spawn({
-        let (client, url) = (h.client.clone(), h.url.clone());
-        async move { client.get(format!("{url}/token")).send().await.unwrap() }
-    });
-    assert!(h.fake.wait_for_calls(Refresh, 1, SIGNAL).await);
-    h.write_accounts(&pool(Some(A), vec![theirs.clone()]));
-    gate.open();
-    let answer = request.await.unwrap();
+    let answer = refresh_reused(&h, Some(&theirs)).await;
 
     assert_eq!(answer.status(), 503);
     assert_eq!(h.read_text("failed.json"), None, "nothing was moved");

@@ -319,3 +319,17 @@ pub fn now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// The account as accounts.json holds it after a login: tokens from the fake, refreshed a
+/// day before they expire, usage never checked.
+pub fn stored(email: &str, issued: &gibby::fake_upstream::IssuedTokens) -> Account {
+    Account {
+        email: email.to_owned(),
+        access_token: gibby::model::Secret::new(&issued.access_token),
+        refresh_token: gibby::model::Secret::new(&issued.refresh_token),
+        token_refresh_at: Some(issued.expires_at - 86_400),
+        usage: None,
+        usage_checked_at: None,
+        disabled: false,
+    }
+}
