@@ -31,8 +31,9 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// No web page may fetch a token through the user's browser (DNS rebinding,
-/// cross-site requests): browsers always send `Origin` on such requests.
+/// No web page may fetch a token through the user's browser: browsers send `Origin` on
+/// cross-site requests. A rebound page's same-origin fetch carries none; `token` refuses
+/// that by its `Host` (see `host_is_not_a_name`).
 async fn refuse_browsers(request: Request, next: Next) -> Response {
     if request.headers().contains_key(header::ORIGIN) {
         tracing::warn!(
