@@ -480,6 +480,10 @@ pub enum TokenOrigin {
 pub struct TokenFresh {
     account: Account,
     origin: TokenOrigin,
+    /// Read from the token once: validation sends the account id, the answer carries it
+    /// and the token's end (`exp`).
+    account_id: Option<String>,
+    expires_at: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -491,7 +495,13 @@ pub enum ValidationAnswer {
 
 impl TokenFresh {
     fn new(account: Account, origin: TokenOrigin) -> Self {
-        TokenFresh { account, origin }
+        let claims = Claims::of(account.access_token.expose());
+        TokenFresh {
+            account,
+            origin,
+            account_id: claims.account_id,
+            expires_at: claims.exp,
+        }
     }
 
     pub fn email(&self) -> &str {
@@ -523,7 +533,7 @@ impl TokenFresh {
         Effect::Validate {
             email: self.account.email.clone(),
             access_token: self.account.access_token.clone(),
-            account_id: account_id(&self.account.access_token),
+            account_id: self.account_id.clone(),
         }
     }
 
@@ -533,6 +543,8 @@ impl TokenFresh {
                 ValidationAnswer::Valid(Validated {
                     email: self.account.email,
                     access_token: self.account.access_token,
+                    account_id: self.account_id,
+                    expires_at: self.expires_at,
                 })
             }
             Verdict::Success(_) => ValidationAnswer::Transient(Reason::UpstreamUnavailable(
@@ -566,16 +578,17 @@ impl TokenFresh {
 pub struct Validated {
     email: String,
     access_token: Secret,
+    account_id: Option<String>,
+    expires_at: Option<i64>,
 }
 
 impl Validated {
     pub fn into_answer(self) -> TokenAnswer {
-        let claims = Claims::of(self.access_token.expose());
         TokenAnswer {
             email: self.email,
             access_token: self.access_token,
-            account_id: claims.account_id,
-            expires_at: claims.exp,
+            account_id: self.account_id,
+            expires_at: self.expires_at,
         }
     }
 }

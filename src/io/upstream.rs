@@ -140,7 +140,8 @@ async fn reply_from(mut response: reqwest::Response) -> Reply {
         status,
         content_type,
         challenge,
-        body: String::from_utf8_lossy(&body).into_owned(),
+        body: String::from_utf8(body)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
     })
 }
 
