@@ -106,10 +106,13 @@ pub fn remove(file: &mut AccountsFile, account: &Account) {
 /// Accounts that stand identically in both files: a move to failed.json that was
 /// interrupted after the append. Finishing it is removing them from accounts.json.
 pub fn interrupted_moves(accounts: &AccountsFile, failed: &FailedFile) -> Vec<Account> {
+    // By email first: both files may be long, and few accounts (usually none) are in both.
+    let emails: std::collections::HashSet<&str> =
+        failed.accounts.iter().map(|a| a.email.as_str()).collect();
     accounts
         .accounts
         .iter()
-        .filter(|a| failed.accounts.contains(a))
+        .filter(|a| emails.contains(a.email.as_str()) && failed.accounts.contains(a))
         .cloned()
         .collect()
 }

@@ -60,7 +60,7 @@ struct View {
     /// Shared with the [`ParseMemo`] until this request changes it.
     accounts: Arc<AccountsFile>,
     accounts_read: FileRead,
-    failed: Result<FailedFile, FileError>,
+    failed: Result<Arc<FailedFile>, FileError>,
     failed_read: FileRead,
 }
 
@@ -172,25 +172,62 @@ pub struct TokenRequest {
     memo: Option<Arc<ParseMemo>>,
 }
 
-/// The last accounts.json text parsed and what it parsed to. Parsing is a pure function of
-/// the text, so a request that reads the very same bytes takes the earlier result instead
-/// of parsing a large pool again. The file is still read on every request.
+/// The last text of each file parsed and what it parsed to, and the interrupted moves found
+/// in that pair. Parsing is a pure function of the text, so a request that reads the very
+/// same bytes takes the earlier result instead of parsing a large pool (or a failed.json
+/// grown over months) again. The files are still read on every request.
 #[derive(Debug, Default)]
 pub struct ParseMemo {
-    last: Mutex<Option<(Arc<str>, Arc<AccountsFile>)>>,
+    accounts: Mutex<Option<(Arc<str>, Arc<AccountsFile>)>>,
+    failed: Mutex<Option<(Arc<str>, Arc<FailedFile>)>>,
+    moves: Mutex<Option<Moves>>,
+}
+
+/// Interrupted moves found in one pair of parsed files.
+type Moves = (Arc<AccountsFile>, Arc<FailedFile>, Vec<Account>);
+
+/// The parse of `text`: the one remembered in `slot` when the text is the same.
+fn remember<T>(
+    slot: &Mutex<Option<(Arc<str>, Arc<T>)>>,
+    text: &Arc<str>,
+    parse: impl FnOnce(&str) -> Result<T, FileError>,
+) -> Result<Arc<T>, FileError> {
+    let mut last = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((seen, parsed)) = &mut *last {
+        if Arc::ptr_eq(seen, text) {
+            return Ok(parsed.clone());
+        }
+        if **seen == **text {
+            // The same bytes read again: the store now hands out this copy, so keep it
+            // and let the next request match by pointer, not by comparing every byte.
+            *seen = text.clone();
+            return Ok(parsed.clone());
+        }
+    }
+    let parsed = Arc::new(parse(text)?);
+    *last = Some((text.clone(), parsed.clone()));
+    Ok(parsed)
 }
 
 impl ParseMemo {
     fn parse(&self, text: &Arc<str>) -> Result<Arc<AccountsFile>, FileError> {
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((seen, parsed)) = &*last {
-            if Arc::ptr_eq(seen, text) || **seen == **text {
-                return Ok(parsed.clone());
+        remember(&self.accounts, text, AccountsFile::parse)
+    }
+
+    fn parse_failed(&self, text: &Arc<str>) -> Result<Arc<FailedFile>, FileError> {
+        remember(&self.failed, text, FailedFile::parse)
+    }
+
+    fn moves(&self, accounts: &Arc<AccountsFile>, failed: &Arc<FailedFile>) -> Vec<Account> {
+        let mut last = self.moves.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((a, f, moves)) = &*last {
+            if Arc::ptr_eq(a, accounts) && Arc::ptr_eq(f, failed) {
+                return moves.clone();
             }
         }
-        let parsed = Arc::new(AccountsFile::parse(text)?);
-        *last = Some((text.clone(), parsed.clone()));
-        Ok(parsed)
+        let moves = change::interrupted_moves(accounts, failed);
+        *last = Some((accounts.clone(), failed.clone(), moves.clone()));
+        moves
     }
 }
 
@@ -371,16 +408,21 @@ impl TokenRequest {
             }
         };
         let failed_parsed = match &failed {
-            FileRead::Missing => Ok(FailedFile::default()),
-            FileRead::Text(text) => FailedFile::parse(text),
+            FileRead::Missing => Ok(Arc::default()),
+            FileRead::Text(text) => match &self.memo {
+                Some(memo) => memo.parse_failed(text),
+                None => FailedFile::parse(text).map(Arc::new),
+            },
             FileRead::Unreadable(why) => Err(FileError {
                 file: crate::model::FAILED_FILE,
                 problem: format!("cannot be read: {why}"),
             }),
         };
-        let moves = match &failed_parsed {
-            Ok(f) => change::interrupted_moves(&parsed, f),
-            Err(e) => {
+        let moves = match (&failed_parsed, &self.memo) {
+            (Ok(f), _) if f.accounts.is_empty() => Vec::new(),
+            (Ok(f), Some(memo)) => memo.moves(&parsed, f),
+            (Ok(f), None) => change::interrupted_moves(&parsed, f),
+            (Err(e), _) => {
                 // Only a move needs failed.json; until then the pool is served as it is.
                 self.warnings
                     .push(format!("{e}; interrupted moves cannot be checked"));
@@ -409,9 +451,14 @@ impl TokenRequest {
             .accounts
             .iter()
             .filter(|a| a.email != chosen && !self.excluded.contains(&a.email));
-        // The steady state (the active account served) only counts: no copy per account.
+        // The steady state (the active account served) only counts: no copy per account,
+        // and with none passed over, no set lookup per account either (emails are unique).
         if view.active_account.as_deref() == Some(chosen) {
-            Others::NotNeeded(others.count())
+            Others::NotNeeded(if self.excluded.is_empty() {
+                view.accounts.len() - usize::from(view.find(chosen).is_some())
+            } else {
+                others.count()
+            })
         } else {
             Others::RankedLower(others.map(|a| a.email.clone()).collect())
         }
@@ -704,7 +751,7 @@ impl TokenRequest {
                 view.accounts_read = FileRead::Text(content.0.into());
             }
             StateFile::Failed => {
-                view.failed = FailedFile::parse(&content.0);
+                view.failed = FailedFile::parse(&content.0).map(Arc::new);
                 view.failed_read = FileRead::Text(content.0.into());
             }
         }
@@ -857,7 +904,7 @@ impl TokenRequest {
                     }
                 };
                 if !record.accounts.contains(&account) {
-                    let mut record = record.clone();
+                    let mut record = FailedFile::clone(record);
                     record.accounts.push(account.clone());
                     writes.push_back((StateFile::Failed, FileText(record.to_text())));
                 }
@@ -930,5 +977,42 @@ mod memo_tests {
         );
         // A broken text leaves the last good parse in place, and never replaces the answer.
         assert!(Arc::ptr_eq(&changed, &memo.parse(&other).unwrap()));
+    }
+
+    #[test]
+    fn failed_json_and_the_moves_it_shows_are_remembered_for_the_same_texts() {
+        let account = |email: &str, refresh: &str| Account {
+            email: email.into(),
+            access_token: crate::model::Secret::new("at"),
+            refresh_token: crate::model::Secret::new(refresh),
+            token_refresh_at: Some(10),
+            usage: None,
+            usage_checked_at: None,
+            disabled: false,
+        };
+        let memo = ParseMemo::default();
+        let pool = AccountsFile {
+            active_account: None,
+            accounts: vec![account("a@x", "rt"), account("b@x", "rt")],
+        };
+        let pool: Arc<str> = pool.to_text().into();
+        let moved = FailedFile {
+            accounts: vec![account("c@x", "rt"), account("b@x", "rt")],
+        };
+        let moved: Arc<str> = moved.to_text().into();
+        let (accounts, failed) = (
+            memo.parse(&pool).unwrap(),
+            memo.parse_failed(&moved).unwrap(),
+        );
+        assert_eq!(memo.moves(&accounts, &failed), vec![account("b@x", "rt")]);
+        let again = memo.parse_failed(&moved.to_string().into()).unwrap();
+        assert!(Arc::ptr_eq(&failed, &again), "the same text is parsed once");
+        assert_eq!(memo.moves(&accounts, &again), vec![account("b@x", "rt")]);
+        // b@x re-added by hand with new tokens: not the same object, no move.
+        let readded = FailedFile {
+            accounts: vec![account("b@x", "older")],
+        };
+        let readded = memo.parse_failed(&readded.to_text().into()).unwrap();
+        assert!(memo.moves(&accounts, &readded).is_empty());
     }
 }
