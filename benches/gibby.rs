@@ -2,11 +2,13 @@
 //!
 //! Starts the fake upstream in this process and the real `gibby serve` binary as a child
 //! process, both on 127.0.0.1. For pools of 10, 100 and 1,000 accounts (fresh usage, fresh
-//! tokens, the first one active) it drives `GET /token` with 1 and 64 concurrent clients,
-//! with the fake answering at once and with 50 ms added to every answer, and prints requests
-//! per second, p50/p99 latency, upstream calls and file writes per `/token` and gibby's peak
-//! resident memory; then the same for the fake's validation endpoint hit directly, the limit
-//! gibby works against, and the targets of issue #7 read from this one run.
+//! tokens, the first one active, and a failed.json a fifth that size) it drives `GET /token`
+//! with 1 and 64 concurrent clients, with the fake answering at once and with 50 ms added to
+//! every answer, and prints requests per second, p50/p99 latency, upstream calls and file
+//! writes per `/token` and gibby's peak resident memory; then the same for the fake's
+//! validation endpoint hit directly, the limit gibby works against, and the targets of
+//! issue #7 read from this one run. `GET /health` at 1 client shows what one hop to gibby
+//! costs before gibby does anything: with a direct call, the floor under a `/token`.
 //!
 //! Figures only: nothing here fails a build. `GIBBY_BENCH_SCALE` (default 1) multiplies the
 //! request counts; `GIBBY_BENCH_POOLS`, `GIBBY_BENCH_LATENCIES` and `GIBBY_BENCH_CLIENTS`
@@ -60,6 +62,8 @@ fn requests(latency_ms: u64, clients: usize) -> usize {
 enum Target {
     Direct,
     Gibby(usize),
+    /// `GET /health` on gibby: one loopback round trip and no work, no upstream call.
+    Health,
 }
 
 struct Row {
@@ -159,10 +163,33 @@ async fn run() {
         }
     }
 
-    for (size, dir) in pools {
+    for (i, (size, dir)) in pools.into_iter().enumerate() {
         let gibby = Gibby::start(dir.path(), &upstream.base_url);
         let url = format!("{}/token", gibby.url);
         let token: Request = Arc::new(move |c: &reqwest::Client| c.get(&url));
+        // What one hop to gibby costs before gibby does anything: with a direct call, the
+        // floor under a `/token` that makes one upstream call.
+        let floor = chosen("GIBBY_BENCH_LATENCIES", &LATENCIES_MS).contains(&0)
+            && chosen("GIBBY_BENCH_CLIENTS", &CLIENTS).contains(&1);
+        if i == 0 && floor {
+            fake.set_latency(Duration::ZERO);
+            let url = format!("{}/health", gibby.url);
+            let health: Request = Arc::new(move |c: &reqwest::Client| c.get(&url));
+            let calls = upstream_calls(&fake);
+            let cpu = gibby.cpu_time();
+            let load = drive(&client, &health, 1, requests(0, 1)).await;
+            let per = (upstream_calls(&fake) - calls) as f64 / (load.requests + WARM_UP) as f64;
+            rows.push(Row {
+                target: Target::Health,
+                latency_ms: 0,
+                clients: 1,
+                upstream_per_token: per,
+                writes_per_token: None,
+                cpu_per_token: Some((gibby.cpu_time() - cpu) / (load.requests + WARM_UP) as u32),
+                peak_rss_kib: gibby.peak_rss_kib(),
+                load,
+            });
+        }
         for latency_ms in chosen("GIBBY_BENCH_LATENCIES", &LATENCIES_MS) {
             fake.set_latency(Duration::from_millis(latency_ms));
             for clients in chosen("GIBBY_BENCH_CLIENTS", &CLIENTS) {
@@ -308,6 +335,20 @@ fn write_pool(fake: &FakeUpstream, dir: &std::path::Path, size: usize) {
         file.to_text().as_bytes(),
     )
     .expect("pool written");
+    // A pool that has run for a while has lost accounts: a fifth of its size here.
+    let failed = gibby::model::FailedFile {
+        accounts: (0..size / 5)
+            .map(|i| Account {
+                email: format!("gone{i:04}@bench.invalid"),
+                ..file.accounts[i].clone()
+            })
+            .collect(),
+    };
+    gibby::io::store::atomic_write(
+        &dir.join(gibby::model::FAILED_FILE),
+        failed.to_text().as_bytes(),
+    )
+    .expect("failed.json written");
 }
 
 /// The `gibby serve` child process, killed on drop, and what its log lines say.
@@ -499,6 +540,7 @@ fn print_report(rows: &[Row]) {
         let target = match r.target {
             Target::Direct => "direct validation".to_owned(),
             Target::Gibby(n) => format!("gibby {n} accounts"),
+            Target::Health => "gibby /health".to_owned(),
         };
         println!(
             "{:<18} {:>6}ms {:>7} {:>8} {:>5} {:>9.0} {:>9} {:>9} {:>10.3} {:>10} {:>8} {:>9}",
@@ -518,6 +560,22 @@ fn print_report(rows: &[Row]) {
         );
     }
     println!();
+    let floor = |target| {
+        rows.iter()
+            .find(|r| r.target == target && r.latency_ms == 0 && r.clients == 1)
+            .map(|r| r.load.p50)
+    };
+    if let (Some(health), Some(direct)) = (floor(Target::Health), floor(Target::Direct)) {
+        let sum = health + direct;
+        println!(
+            "floor under /token, 1 client, upstream at once: /health {} + direct {} = {} ({:.2} x direct)",
+            micros(health),
+            micros(direct),
+            micros(sum),
+            sum.as_secs_f64() / direct.as_secs_f64()
+        );
+        println!();
+    }
     if ["GIBBY_BENCH_LATENCIES", "GIBBY_BENCH_CLIENTS"]
         .iter()
         .any(|v| std::env::var_os(v).is_some())
