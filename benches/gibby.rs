@@ -123,7 +123,8 @@ async fn run() {
 
     // The pools are written first, as a pool stands between changes: gibby reads a file
     // that changed in the last seconds in full on every request (see `Store::read_unlocked`),
-    // one that has settled with a `stat`. The direct runs below take longer than that.
+    // one that has settled with a `stat`. The direct runs below take longer than that in a
+    // full run; before gibby starts, the benchmark waits for it in any case. The direct runs below take longer than that.
     let pools: Vec<_> = chosen("GIBBY_BENCH_POOLS", &POOLS)
         .into_iter()
         .map(|size| {
@@ -132,6 +133,7 @@ async fn run() {
             (size, dir)
         })
         .collect();
+    let written = Instant::now();
 
     // The limit: the fake's validation endpoint, hit directly with a known token.
     let issued = fake.add_account(AccountSpec::new("direct@bench.invalid"));
@@ -163,6 +165,9 @@ async fn run() {
         }
     }
 
+    // A subset run may reach here before the pools have settled: wait for that.
+    let settled = written + Duration::from_millis(3_500);
+    tokio::time::sleep_until(settled.into()).await;
     for (i, (size, dir)) in pools.into_iter().enumerate() {
         let gibby = Gibby::start(dir.path(), &upstream.base_url);
         let url = format!("{}/token", gibby.url);
