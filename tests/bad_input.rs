@@ -329,41 +329,16 @@ async fn corrupt_failed_json_when_an_account_must_move() {
     failed.truncate(failed.find("\"usage\"").unwrap());
     let line = failed.lines().count();
     let column = failed.lines().last().unwrap().len();
-    let bad = Bad {
-        snapshot: "bad_input_failed_json_at_move_503",
-        accounts: None,
-        failed: Some(failed),
-        names: vec![
+    refused_at_a_move(
+        "bad_input_failed_json_at_move_503",
+        failed,
+        vec![
             "failed.json: ".into(),
             format!("at line {line} column {column}"),
             format!("{A} stays in accounts.json"),
         ],
-    };
-    let h = refused(bad, |h| {
-        let file = pool(Some(A), vec![h.account(A, 10, 20), h.account(B, 30, 20)]);
-        h.write_accounts(&file);
-        h.fake.push_reply(
-            Endpoint::Models,
-            Some(A),
-            Reply::json(
-                401,
-                json!({"detail": "Could not parse your authentication token."}),
-            ),
-        );
-    })
+    )
     .await;
-    let validated: Vec<_> = h
-        .fake
-        .calls()
-        .into_iter()
-        .map(|c| (c.endpoint, c.email, c.status))
-        .collect();
-    assert_eq!(
-        validated,
-        [(Endpoint::Models, Some(A.to_owned()), 401)],
-        "A's validation was the only call"
-    );
-    h.stop().await;
 }
 
 /// A move is needed (A's validation answers 401) and failed.json, as given, is refused:
@@ -388,10 +363,15 @@ async fn refused_at_a_move(snapshot: &'static str, failed: String, names: Vec<St
         );
     })
     .await;
-    let calls: Vec<_> = h.fake.calls().into_iter().map(|c| c.endpoint).collect();
+    let calls: Vec<_> = h
+        .fake
+        .calls()
+        .into_iter()
+        .map(|c| (c.endpoint, c.email, c.status))
+        .collect();
     assert_eq!(
         calls,
-        [Endpoint::Models],
+        [(Endpoint::Models, Some(A.to_owned()), 401)],
         "A's validation was the only call"
     );
     h.stop().await;
